@@ -1,0 +1,138 @@
+#!/usr/bin/env -S deno run --allow-net
+/**
+ * The floor server: the cheapest Deno TCP server that answers the tcpnetlock protocol well enough
+ * for the benchmark, with no bookkeeping at all (no lock table, no queue, no timers, no logging).
+ * It is what the real server is compared with: whatever the real server costs beyond this is the
+ * price of its bookkeeping.
+ *
+ * - `lock,...` → `ok` (or `ok,token:1` when the request has `wait:`), then `release` → `released`
+ *   and close; `.keepalive` → `alive`; any other line → `bad-action`. It never says `not-granted`:
+ *   every lock is granted at once, so it is no lock at all.
+ * - `.ping` → `pong`, close. Anything else → `bad-action`, close.
+ *
+ * ```sh
+ * deno run -A bench/floor_server.ts --port 0   # prints "listening on 127.0.0.1:PORT" on stderr
+ * ```
+ *
+ * @module
+ */
+
+const encoder = new TextEncoder();
+const OK = encoder.encode("ok\n");
+const OK_TOKEN = encoder.encode("ok,token:1\n");
+const RELEASED = encoder.encode("released\n");
+const ALIVE = encoder.encode("alive\n");
+const PONG = encoder.encode("pong\n");
+const BAD_ACTION = encoder.encode("bad-action\n");
+const BAD_REQUEST = encoder.encode("bad-request\n");
+const MAX_LINE = 1024;
+const NL = 0x0a;
+const decoder = new TextDecoder();
+
+/** A connection and the bytes read from it but not yet consumed. */
+class Session {
+  readonly conn: Deno.Conn;
+  buf: Uint8Array = new Uint8Array(128);
+  start = 0;
+  end = 0;
+
+  constructor(conn: Deno.Conn) {
+    this.conn = conn;
+  }
+
+  /** The next line without `\n` and `\r`; `null` at the end of the stream or over the limit. */
+  async line(): Promise<string | null> {
+    for (;;) {
+      const nl = this.buf.subarray(this.start, this.end).indexOf(NL);
+      if (nl >= 0) {
+        let stop = this.start + nl;
+        const next = stop + 1;
+        if (stop > this.start && this.buf[stop - 1] === 0x0d) stop--;
+        const text = decoder.decode(this.buf.subarray(this.start, stop));
+        this.start = next;
+        return text;
+      }
+      if (this.end - this.start > MAX_LINE) return null;
+      if (this.start > 0) {
+        this.buf.copyWithin(0, this.start, this.end);
+        this.end -= this.start;
+        this.start = 0;
+      }
+      if (this.end === this.buf.length) {
+        const bigger = new Uint8Array(this.buf.length * 2);
+        bigger.set(this.buf);
+        this.buf = bigger;
+      }
+      const n = await this.conn.read(this.buf.subarray(this.end));
+      if (n === null) return null;
+      this.end += n;
+    }
+  }
+
+  async write(bytes: Uint8Array): Promise<void> {
+    let done = 0;
+    while (done < bytes.length) done += await this.conn.write(bytes.subarray(done));
+  }
+}
+
+async function serve(conn: Deno.Conn): Promise<void> {
+  const s = new Session(conn);
+  try {
+    const first = await s.line();
+    if (first === null) return;
+    const action = first.split(",", 1)[0].trim();
+    if (action === "lock") {
+      await s.write(first.includes("wait:") ? OK_TOKEN : OK);
+      for (;;) {
+        const line = await s.line();
+        if (line === null) return;
+        const what = line.trim();
+        if (what === "release") {
+          await s.write(RELEASED);
+          return;
+        }
+        await s.write(what === ".keepalive" ? ALIVE : BAD_ACTION);
+      }
+    } else if (action === ".ping") {
+      await s.write(PONG);
+    } else {
+      await s.write(action === "" ? BAD_REQUEST : BAD_ACTION);
+    }
+  } catch {
+    // A reset or a broken pipe: the connection is gone, nothing to answer.
+  } finally {
+    try {
+      conn.close();
+    } catch {
+      // Already closed.
+    }
+  }
+}
+
+/** Runs the floor server until the process is killed. */
+export async function main(args: string[]): Promise<void> {
+  let port = 7654;
+  let hostname = "127.0.0.1";
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    if (arg === "--port") port = Number(args[++i]);
+    else if (arg === "--listen" || arg === "--host") hostname = args[++i];
+    else if (arg === "--help" || arg === "-h") {
+      console.log("Usage: deno run -A bench/floor_server.ts [--listen HOST] [--port PORT]");
+      return;
+    } else {
+      console.error(`Unknown flag "${arg}"`);
+      Deno.exit(2);
+    }
+  }
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    console.error(`Invalid port "${port}"`);
+    Deno.exit(2);
+  }
+  const listener = Deno.listen({ hostname, port });
+  const addr = listener.addr as Deno.NetAddr;
+  console.error(`listening on ${addr.hostname}:${addr.port}`);
+  for await (const conn of listener) serve(conn);
+}
+
+if (import.meta.main) await main(Deno.args);

@@ -1,0 +1,117 @@
+/**
+ * Bounded line framing over anything with a `read(buffer)` method (a `Deno.Conn`, a TLS conn).
+ *
+ * A line is the bytes before a `\n`. It may be at most `maxLine` bytes long (a `\r` before the
+ * `\n` counts, and is then dropped); the reader never holds more than `maxLine + 1` bytes, so a
+ * peer that sends megabytes without a newline costs one small buffer. A partial line at the end
+ * of the stream is dropped. Lines must be valid UTF-8.
+ *
+ * Used by the server and by the client; no third-party dependency.
+ *
+ * @module
+ */
+
+/** What {@linkcode LineReader.next} found. */
+export type LineResult =
+  | { kind: "line"; line: string }
+  | { kind: "eof" }
+  | { kind: "too-long" }
+  | { kind: "invalid-utf8" };
+
+/** The minimal reader the framing needs; `Deno.Conn` and `Deno.TlsConn` fit. */
+export interface ByteReader {
+  /** Reads into `p`; resolves to the byte count, or `null` at the end of the stream. */
+  read(p: Uint8Array): Promise<number | null>;
+}
+
+const decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+const NL = 0x0a;
+const CR = 0x0d;
+
+const EOF: LineResult = { kind: "eof" };
+const TOO_LONG: LineResult = { kind: "too-long" };
+const INVALID: LineResult = { kind: "invalid-utf8" };
+
+/**
+ * Reads `\n`-terminated lines with a hard size bound.
+ *
+ * @example
+ * ```ts
+ * import { LineReader } from "./lines.ts";
+ * const conn = await Deno.connect({ port: 7654 });
+ * await conn.write(new TextEncoder().encode(".ping\n"));
+ * const reply = await new LineReader(conn, 1024).next(); // { kind: "line", line: "pong" }
+ * conn.close();
+ * ```
+ */
+export class LineReader {
+  #src: ByteReader;
+  #buf: Uint8Array;
+  #start = 0;
+  #end = 0;
+  #scanned = 0;
+  #done = false;
+  readonly #maxLine: number;
+
+  /**
+   * @param src where the bytes come from
+   * @param maxLine the longest line accepted, in bytes, without its `\n`
+   */
+  constructor(src: ByteReader, maxLine: number) {
+    this.#src = src;
+    this.#maxLine = maxLine;
+    this.#buf = new Uint8Array(maxLine + 1);
+  }
+
+  /** Bytes received but not yet returned as lines. */
+  get buffered(): number {
+    return this.#end - this.#start;
+  }
+
+  /**
+   * The next line, or why there is none. After `eof`, `too-long` or `invalid-utf8` every later
+   * call returns `eof`. A read error (connection reset, closed resource) is thrown.
+   */
+  async next(): Promise<LineResult> {
+    if (this.#done) return EOF;
+    for (;;) {
+      // Look for a newline among the bytes not yet scanned.
+      const nl = this.#buf.subarray(this.#scanned, this.#end).indexOf(NL);
+      if (nl >= 0) {
+        const at = this.#scanned + nl;
+        let stop = at;
+        if (stop > this.#start && this.#buf[stop - 1] === CR) stop--;
+        const bytes = this.#buf.subarray(this.#start, stop);
+        this.#start = at + 1;
+        this.#scanned = this.#start;
+        let line: string;
+        try {
+          line = decoder.decode(bytes);
+        } catch {
+          this.#done = true;
+          return INVALID;
+        }
+        return { kind: "line", line };
+      }
+      this.#scanned = this.#end;
+      if (this.#end - this.#start >= this.#maxLine + 1) {
+        // maxLine + 1 bytes and no newline among them: the line is over the limit.
+        this.#done = true;
+        return TOO_LONG;
+      }
+      if (this.#start > 0) {
+        // Move the partial line to the front to make room.
+        this.#buf.copyWithin(0, this.#start, this.#end);
+        this.#end -= this.#start;
+        this.#scanned -= this.#start;
+        this.#start = 0;
+      }
+      const n = await this.#src.read(this.#buf.subarray(this.#end));
+      if (n === null) {
+        this.#done = true;
+        return EOF;
+      }
+      this.#end += n;
+    }
+  }
+}

@@ -1,0 +1,460 @@
+/**
+ * The lock server as a library: {@linkcode startServer} listens, accepts connections, runs a
+ * {@linkcode Session} for each, and keeps the {@linkcode LockTable} and its deadlines.
+ *
+ * @module
+ */
+
+import { createHash, timingSafeEqual } from "node:crypto";
+import { getLogger } from "./log.ts";
+import { LockTable, type TableEvent } from "./lock_table.ts";
+import {
+  DEFAULT_HOST,
+  DEFAULT_MAX_LINE,
+  DEFAULT_PORT,
+  ErrorReason,
+  type LockInfo,
+  Reply,
+  type Stats,
+} from "./protocol.ts";
+import { type Conn, Session, type SessionHost } from "./session.ts";
+import { TokenSequence } from "./tokens.ts";
+import { VERSION } from "./version.ts";
+
+/** Options of {@linkcode startServer}. Times are in seconds. */
+export interface ServerOptions {
+  /** Address to listen on (default `localhost`: both 127.0.0.1 and ::1 where it exists). */
+  hostname?: string;
+  /** Port (default 7654; 0 picks a free one). */
+  port?: number;
+  /** Longest request line in bytes (default 1024). */
+  maxLine?: number;
+  /** Seconds a new connection has to send its first line (default 60). */
+  firstLineTimeout?: number;
+  /** Longest `wait` granted, in seconds (default: no cap). */
+  maxWait?: number;
+  /** Most open connections (default: no limit). */
+  maxConnections?: number;
+  /** Most waiters per lock name (default: no limit). */
+  maxWaiters?: number;
+  /** Most distinct names held or waited on (default: no limit). */
+  maxLocks?: number;
+  /** When set, every request but `.ping` must carry `auth:TOKEN`. */
+  authToken?: string;
+  /** Speak TLS with this certificate and key (PEM text). */
+  tls?: { cert: string; key: string };
+  /** Obey `.server-shutdown` from any peer, not only loopback ones. */
+  allowRemoteShutdown?: boolean;
+  /** Keep the fencing token high-water mark in this file. */
+  stateFile?: string;
+  /** Told of every lock table event (metrics). */
+  onEvent?: (event: TableEvent) => void;
+}
+
+/** A running server. */
+export interface LockServer extends AsyncDisposable {
+  /** The host name it was asked to listen on. */
+  readonly hostname: string;
+  /** The port it listens on (the real one when 0 was asked for). */
+  readonly port: number;
+  /** Every address it listens on. */
+  readonly addrs: Deno.NetAddr[];
+  /** The lock table. */
+  readonly table: LockTable;
+  /** Resolves once the server has stopped (closed, or shut down by a client). */
+  readonly finished: Promise<void>;
+  /** What `.stats` answers. */
+  stats(): Stats;
+  /** What `.locks` answers. */
+  locks(): LockInfo[];
+  /** Open connections. */
+  readonly connections: number;
+  /** Stops listening, closes every connection (freeing every lock), and resolves when done. */
+  close(): Promise<void>;
+}
+
+/** Raised when the server cannot listen; the message names the address. */
+export class ListenError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = "ListenError";
+  }
+}
+
+const log = getLogger(["tcpnetlock", "server"]);
+const encoder = new TextEncoder();
+const TOO_MANY_CONNECTIONS = encoder.encode(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`);
+
+function secondsToMs(value: number | undefined, fallback: number): number {
+  return value === undefined ? fallback : Math.max(0, value * 1000);
+}
+
+function readMaxRssKb(): number {
+  try {
+    const status = Deno.readTextFileSync("/proc/self/status");
+    const m = /VmHWM:\s+(\d+)\s*kB/.exec(status);
+    if (m) return Number(m[1]);
+  } catch {
+    // not Linux, or no read permission: fall back to the current size
+  }
+  return Math.round(Deno.memoryUsage().rss / 1024);
+}
+
+/** Logs table events: every grant, refusal, release and disconnect-release. */
+function logEvent(event: TableEvent): void {
+  const { claim } = event;
+  const props = {
+    event: event.type as string,
+    lock: claim.request.name,
+    client_id: claim.request.clientId || "-",
+    peer: claim.request.remote,
+  };
+  switch (event.type) {
+    case "granted":
+      log.info("Lock {lock} granted to {client_id} at {peer}, token {token}", {
+        ...props,
+        token: claim.token,
+        waited_s: Math.round(event.waitedMs) / 1000,
+      });
+      break;
+    case "queued":
+      log.debug("Lock {lock}: {client_id} at {peer} waits at position {position}", {
+        ...props,
+        position: event.position,
+      });
+      break;
+    case "not_granted":
+      log.info("Lock {lock} not granted to {client_id} at {peer}", props);
+      break;
+    case "refused":
+      log.info("Lock {lock} refused to {client_id} at {peer}: {reason}", {
+        ...props,
+        event: "refused",
+        reason: event.reason,
+      });
+      break;
+    case "timeout":
+      log.info("Lock {lock}: the wait of {client_id} at {peer} ran out after {waited_s} s", {
+        ...props,
+        waited_s: Math.round(event.waitedMs) / 1000,
+      });
+      break;
+    case "ended": {
+      const held_s = Math.round(event.heldMs) / 1000;
+      const p = { ...props, event: event.reason, token: claim.token, held_s };
+      if (event.reason === "released") {
+        log.info("Lock {lock} released by {client_id} at {peer} after {held_s} s", p);
+      } else if (event.reason === "expired") {
+        log.info("Lock {lock} expired: {client_id} at {peer} sent nothing for its ttl", p);
+      } else if (claim.grantedAt > 0) {
+        log.info(
+          "Lock {lock} freed: the connection of {client_id} at {peer} ended after {held_s} s",
+          {
+            ...p,
+            event: "disconnected",
+          },
+        );
+      } else {
+        log.debug("Lock {lock}: waiter {client_id} at {peer} left the queue", {
+          ...p,
+          event: "disconnected",
+        });
+      }
+      break;
+    }
+  }
+}
+
+/**
+ * Starts a lock server in this process.
+ *
+ * @example Start on a free port and stop it
+ * ```ts
+ * import { startServer } from "./server.ts";
+ * await using server = await startServer({ port: 0 });
+ * console.log(`listening on port ${server.port}`);
+ * ```
+ */
+export async function startServer(options: ServerOptions = {}): Promise<LockServer> {
+  const impl = new ServerImpl(options);
+  await impl.listen();
+  return impl;
+}
+
+class ServerImpl implements LockServer, SessionHost {
+  readonly hostname: string;
+  readonly table: LockTable;
+  readonly maxLine: number;
+  readonly firstLineTimeoutMs: number;
+  readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
+  readonly allowRemoteShutdown: boolean;
+  readonly finished: Promise<void>;
+  #options: ServerOptions;
+  #listeners: Deno.Listener[] = [];
+  #sessions = new Set<Session>();
+  #accepting: Promise<void>[] = [];
+  #resolveFinished!: () => void;
+  #closing: Promise<void> | undefined;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #timerAt = Infinity;
+  #requests = 0;
+  #startedAt = performance.now();
+  #port = 0;
+
+  constructor(options: ServerOptions) {
+    this.#options = options;
+    this.hostname = options.hostname ?? DEFAULT_HOST;
+    this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
+    this.firstLineTimeoutMs = secondsToMs(options.firstLineTimeout, 60_000);
+    this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
+    this.checkAuth = options.authToken === undefined ? undefined : makeAuthCheck(options.authToken);
+    const onEvent = options.onEvent;
+    this.table = new LockTable({
+      tokens: new TokenSequence({ stateFile: options.stateFile }),
+      maxWait: options.maxWait,
+      maxWaiters: options.maxWaiters,
+      maxLocks: options.maxLocks,
+      onDeadline: (at) => this.#arm(at),
+      onEvent: onEvent === undefined ? logEvent : (e) => {
+        logEvent(e);
+        onEvent(e);
+      },
+    });
+    this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
+  }
+
+  get port(): number {
+    return this.#port;
+  }
+
+  get addrs(): Deno.NetAddr[] {
+    return this.#listeners.map((l) => l.addr as Deno.NetAddr);
+  }
+
+  get connections(): number {
+    return this.#sessions.size;
+  }
+
+  async listen(): Promise<void> {
+    const wanted = this.#options.port ?? DEFAULT_PORT;
+    // "localhost" may resolve to 127.0.0.1 or to ::1 depending on the machine: listen on both,
+    // on the same port, so that a client on its defaults finds the server either way.
+    const hosts = this.hostname === "localhost" ? ["127.0.0.1", "::1"] : [this.hostname];
+    for (let attempt = 0;; attempt++) {
+      try {
+        this.#listeners = [];
+        let port = wanted;
+        for (const [i, host] of hosts.entries()) {
+          const listener = this.#listenOne(host, port, i > 0);
+          if (listener === undefined) continue;
+          this.#listeners.push(listener);
+          port = (listener.addr as Deno.NetAddr).port;
+        }
+        this.#port = port;
+        break;
+      } catch (err) {
+        for (const l of this.#listeners) l.close();
+        this.#listeners = [];
+        // With port 0 the second address can be taken by chance: pick another port.
+        if (wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10) continue;
+        throw this.#listenError(err);
+      }
+    }
+    for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
+    log.info("tcpnetlock {version} listening on {address}", {
+      event: "started",
+      version: VERSION,
+      address: this.addrs.map((a) =>
+        `${a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname}:${a.port}`
+      )
+        .join(", "),
+      port: this.#port,
+    });
+    await Promise.resolve();
+  }
+
+  /** Listens on one address; for an optional one (::1 of localhost), undefined when it has none. */
+  #listenOne(host: string, port: number, optional: boolean): Deno.Listener | undefined {
+    try {
+      const tls = this.#options.tls;
+      return tls
+        ? Deno.listenTls({ hostname: host, port, cert: tls.cert, key: tls.key, transport: "tcp" })
+        : Deno.listen({ hostname: host, port, transport: "tcp" });
+    } catch (err) {
+      if (optional && !(err instanceof Deno.errors.AddrInUse)) {
+        log.debug("Not listening on {host}: {error}", { host, error: String(err) });
+        return undefined;
+      }
+      throw err;
+    }
+  }
+
+  #listenError(err: unknown): ListenError {
+    const where = `${this.hostname}:${this.#options.port ?? DEFAULT_PORT}`;
+    if (err instanceof Deno.errors.AddrInUse) {
+      return new ListenError(`Cannot listen on "${where}": address already in use`, { cause: err });
+    }
+    if (err instanceof Deno.errors.AddrNotAvailable) {
+      return new ListenError(`Cannot listen on "${where}": address not available`, { cause: err });
+    }
+    const text = err instanceof Error ? err.message : String(err);
+    return new ListenError(`Cannot listen on "${where}": ${text.split("\n")[0]}`, { cause: err });
+  }
+
+  async #acceptLoop(listener: Deno.Listener): Promise<void> {
+    for (;;) {
+      let conn: Conn;
+      try {
+        conn = await listener.accept();
+      } catch (err) {
+        if (this.#closing !== undefined || err instanceof Deno.errors.BadResource) return;
+        // Out of file descriptors and the like: say so, wait a little, and go on accepting.
+        log.warning("Accept failed on {address}: {error}", {
+          event: "accept_failed",
+          address: `${(listener.addr as Deno.NetAddr).hostname}`,
+          error: String(err),
+        });
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        if (this.#closing !== undefined) return;
+        continue;
+      }
+      this.#accept(conn);
+    }
+  }
+
+  #accept(conn: Conn): void {
+    if (this.#closing !== undefined) {
+      conn.close();
+      return;
+    }
+    this.#requests++;
+    try {
+      const tcp = conn as Deno.TcpConn;
+      if (typeof tcp.setNoDelay === "function") {
+        tcp.setNoDelay(true);
+        // Lets the kernel find peers that vanished without a FIN or RST (see the README).
+        tcp.setKeepAlive(true);
+      }
+    } catch {
+      // not a TCP socket option this platform has
+    }
+    const max = this.#options.maxConnections;
+    if (max !== undefined && this.#sessions.size >= max) {
+      log.warning("Refused a connection: too many connections ({max})", {
+        event: "refused",
+        reason: "too many connections",
+        max,
+      });
+      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(() => {}).finally(
+        () => {
+          try {
+            conn.close();
+          } catch {
+            // already closed
+          }
+        },
+      );
+      return;
+    }
+    const session = new Session(conn, this);
+    this.#sessions.add(session);
+    session.run();
+  }
+
+  // --- SessionHost
+
+  statsJson(): string {
+    return JSON.stringify(this.stats());
+  }
+
+  locksJson(): string {
+    return JSON.stringify(this.locks());
+  }
+
+  requestShutdown(remote: string): void {
+    log.warning("Shutting down: asked by {peer}", { event: "shutdown", peer: remote });
+    // Let the reply go out first.
+    setTimeout(() => this.close(), 0);
+  }
+
+  sessionEnded(session: Session): void {
+    this.#sessions.delete(session);
+  }
+
+  warn(message: string, props: Record<string, unknown>): void {
+    log.warning(message, props);
+  }
+
+  // --- LockServer
+
+  stats(): Stats {
+    const c = this.table.counters;
+    return {
+      lock_count: this.table.heldNames,
+      maxrss: readMaxRssKb(),
+      requests_count: this.#requests,
+      lock_acquired_count: c.acquired,
+      lock_not_acquired_count: c.notGranted + c.timedOut,
+      connections: this.#sessions.size,
+      waiting: this.table.waiting,
+      lock_expired_count: c.expired,
+      uptime_s: Math.round(performance.now() - this.#startedAt) / 1000,
+      version: VERSION,
+    };
+  }
+
+  locks(): LockInfo[] {
+    return this.table.snapshot();
+  }
+
+  close(): Promise<void> {
+    this.#closing ??= this.#closeNow();
+    return this.#closing;
+  }
+
+  async #closeNow(): Promise<void> {
+    for (const l of this.#listeners) {
+      try {
+        l.close();
+      } catch {
+        // already closed
+      }
+    }
+    await Promise.all(this.#accepting);
+    for (const s of [...this.#sessions]) s.shutdown();
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timer = undefined;
+    log.info("Stopped", { event: "stopped" });
+    this.#resolveFinished();
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+
+  // --- One timer for every lease and wait: armed for the earliest deadline only.
+
+  #arm(at: number): void {
+    if (this.#closing !== undefined || at >= this.#timerAt) return;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#timerAt = at;
+    this.#timer = setTimeout(() => this.#fire(), Math.max(0, Math.ceil(at - performance.now())));
+  }
+
+  #fire(): void {
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
+    this.table.tick();
+    const next = this.table.nextDeadline();
+    if (next !== undefined) this.#arm(next);
+  }
+}
+
+/** A constant-time check of an auth token: both sides are hashed, then compared. */
+function makeAuthCheck(token: string): (given: string | undefined) => boolean {
+  const want = createHash("sha256").update(token).digest();
+  return (given) => {
+    const got = createHash("sha256").update(given ?? "").digest();
+    return timingSafeEqual(want, got) && given !== undefined;
+  };
+}

@@ -1,0 +1,413 @@
+/**
+ * One client connection on the server: reads its lines, asks the lock table, writes the replies.
+ *
+ * A connection's life: a first line (within the first-line timeout), then, for a `lock` request,
+ * waiting in the queue and/or holding, during which the connection keeps being read so that a
+ * disconnect frees the lock at once. Every reply the server owes is written before the
+ * connection is closed; a closing connection is half-closed first and drained for a moment, so a
+ * client that pipelined more lines still reads its reply instead of a reset.
+ *
+ * @module
+ */
+
+import { LineReader, type LineResult } from "./lines.ts";
+import type { Claim, ClaimHandler, EndReason, LockTable, Refusal } from "./lock_table.ts";
+import {
+  Action,
+  ErrorReason,
+  isValidClientId,
+  isValidLockName,
+  parseDecimal,
+  parsePositiveInt,
+  parseRequest,
+  Reply,
+  type Request,
+} from "./protocol.ts";
+
+/** What a session needs from its server. */
+export interface SessionHost {
+  readonly table: LockTable;
+  readonly maxLine: number;
+  readonly firstLineTimeoutMs: number;
+  /** Is this the configured auth token? (Only called when one is configured.) */
+  readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
+  readonly allowRemoteShutdown: boolean;
+  statsJson(): string;
+  locksJson(): string;
+  /** A client asked the server to shut down. */
+  requestShutdown(remote: string): void;
+  /** The session is over. */
+  sessionEnded(session: Session): void;
+  /** Something unexpected happened to a connection. */
+  warn(message: string, props: Record<string, unknown>): void;
+}
+
+/** The stream a session talks over (`Deno.Conn` or `Deno.TlsConn`). */
+export type Conn = Deno.Conn | Deno.TlsConn;
+
+const encoder = new TextEncoder();
+const encoded = new Map<string, Uint8Array>();
+/** Encodes a reply line, caching the fixed ones. */
+function line(text: string, cache = false): Uint8Array {
+  if (!cache) return encoder.encode(text + "\n");
+  let bytes = encoded.get(text);
+  if (bytes === undefined) {
+    bytes = encoder.encode(text + "\n");
+    encoded.set(text, bytes);
+  }
+  return bytes;
+}
+
+/** How long a closing connection is drained, and how much of it is read at most. */
+const LINGER_MS = 1000;
+const LINGER_BYTES = 1 << 20;
+/** Lines a waiter may send before it is granted (answered once it is). */
+const MAX_PENDING_LINES = 64;
+/** Reply bytes a connection may owe before it is treated as a reader that has stopped. */
+const MAX_OWED_BYTES = 64 * 1024;
+const drainBuffer = new Uint8Array(16 * 1024);
+
+/** Formats a peer address as `ip:port` (`[ip6]:port` for IPv6). */
+export function formatRemote(addr: Deno.Addr): string {
+  if (addr.transport !== "tcp") return String(addr.transport);
+  return addr.hostname.includes(":")
+    ? `[${addr.hostname}]:${addr.port}`
+    : `${addr.hostname}:${addr.port}`;
+}
+
+/** True for 127.0.0.0/8, ::1 and IPv4-mapped loopback. */
+export function isLoopback(addr: Deno.Addr): boolean {
+  if (addr.transport !== "tcp") return false;
+  const h = addr.hostname;
+  return h === "::1" || h.startsWith("127.") || h.startsWith("::ffff:127.");
+}
+
+/** One connection. */
+export class Session implements ClaimHandler {
+  readonly remote: string;
+  #conn: Conn;
+  #host: SessionHost;
+  #state: "first" | "waiting" | "holding" | "closing" | "closed" = "first";
+  #claim: Claim | undefined;
+  #extended = false;
+  #lastPosition = Infinity;
+  #pending: string[] = [];
+  #writing: Promise<void> = Promise.resolve();
+  #owed = 0;
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  #endReason: EndReason = "disconnected";
+  /** Lines from the holder are answered one after another through this chain. */
+  #heldChain: Promise<void> = Promise.resolve();
+  /** Set once a last reply is on its way. */
+  #finishing: Promise<void> | undefined;
+
+  constructor(conn: Conn, host: SessionHost) {
+    this.#conn = conn;
+    this.#host = host;
+    this.remote = formatRemote(conn.remoteAddr);
+  }
+
+  /** The client id given with a lock request, if any. */
+  get clientId(): string {
+    return this.#claim?.request.clientId ?? "";
+  }
+
+  /** Runs the connection to its end. Never throws. */
+  async run(): Promise<void> {
+    const reader = new LineReader(this.#conn, this.#host.maxLine);
+    try {
+      this.#timer = setTimeout(() => {
+        this.#timer = undefined;
+        this.#close();
+      }, this.#host.firstLineTimeoutMs);
+      const first = await reader.next();
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+      await this.#first(first);
+      while (this.#state === "waiting" || this.#state === "holding") {
+        const next = await reader.next();
+        if (next.kind === "eof") break;
+        if (next.kind !== "line") {
+          this.#finish(Reply.BAD_REQUEST);
+        } else if (this.#state === "waiting") {
+          if (this.#pending.length >= MAX_PENDING_LINES) this.#finish(Reply.BAD_REQUEST);
+          else this.#pending.push(next.line);
+        } else if (this.#state === "holding") {
+          await this.#enqueueHeld(next.line);
+        }
+      }
+      if (this.#finishing !== undefined) {
+        await this.#finishing;
+        await this.#drain();
+      }
+    } catch {
+      // A read or write failed (reset, closed by a timer or by the server): the session ends.
+    } finally {
+      this.#close();
+    }
+  }
+
+  /** Ends the session from outside (server shutdown): the lock is freed, the socket closed. */
+  shutdown(): void {
+    this.#endReason = "shutdown";
+    this.#close();
+  }
+
+  // --- ClaimHandler: what the lock table tells this connection.
+
+  granted(token: number): void {
+    if (this.#state !== "waiting" && this.#state !== "first") return;
+    this.#state = "holding";
+    this.#send(this.#extended ? `${Reply.OK},token:${token}` : Reply.OK, !this.#extended);
+    // Lines sent while waiting are answered now, in order, before any later line.
+    const pending = this.#pending;
+    this.#pending = [];
+    for (const l of pending) this.#enqueueHeld(l).catch(() => this.#close());
+  }
+
+  queued(position: number): void {
+    if (this.#state !== "first" && this.#state !== "waiting") return;
+    this.#state = "waiting";
+    if (position < this.#lastPosition) {
+      this.#lastPosition = position;
+      this.#send(`${Reply.QUEUED},position:${position}`);
+    }
+  }
+
+  notGranted(): void {
+    this.#claim = undefined;
+    this.#finish(Reply.NOT_GRANTED);
+  }
+
+  refused(reason: Refusal): void {
+    this.#claim = undefined;
+    this.#finish(`${Reply.ERR},${reason}`);
+  }
+
+  timedOut(): void {
+    this.#claim = undefined;
+    this.#finish(Reply.TIMEOUT);
+  }
+
+  expired(): void {
+    this.#claim = undefined;
+    this.#finish(Reply.EXPIRED);
+  }
+
+  // --- The protocol.
+
+  /** Handles the first line; true when the connection goes on (waiting or holding). */
+  async #first(result: LineResult): Promise<boolean> {
+    if (result.kind === "eof") return false;
+    if (result.kind !== "line") {
+      await this.#finish(Reply.BAD_REQUEST);
+      return false;
+    }
+    const req = parseRequest(result.line);
+    if (req === null) {
+      await this.#finish(Reply.BAD_REQUEST);
+      return false;
+    }
+    const host = this.#host;
+    if (host.checkAuth !== undefined && req.action !== Action.PING) {
+      if (!host.checkAuth(req.params.get("auth"))) {
+        host.warn("Refused a request from {peer}: unauthorized", {
+          event: "refused",
+          reason: "unauthorized",
+          peer: this.remote,
+          action: req.action,
+        });
+        await this.#finish(`${Reply.ERR},${ErrorReason.UNAUTHORIZED}`);
+        return false;
+      }
+    }
+    switch (req.action) {
+      case Action.LOCK:
+        return this.#lock(req);
+      case Action.PING:
+        await this.#finish(Reply.PONG);
+        return false;
+      case Action.STATS:
+        await this.#finish(`${Reply.STATS},${host.statsJson()}`);
+        return false;
+      case Action.LOCKS:
+        await this.#finish(`${Reply.LOCKS},${host.locksJson()}`);
+        return false;
+      case Action.SHUTDOWN:
+        if (!host.allowRemoteShutdown && !isLoopback(this.#conn.remoteAddr)) {
+          host.warn("Refused a shutdown request from {peer}: not a loopback peer", {
+            event: "refused",
+            reason: "forbidden",
+            peer: this.remote,
+          });
+          await this.#finish(`${Reply.ERR},${ErrorReason.FORBIDDEN}`);
+          return false;
+        }
+        await this.#finish(Reply.SHUTTING_DOWN);
+        host.requestShutdown(this.remote);
+        return false;
+      default:
+        await this.#finish(Reply.BAD_ACTION);
+        return false;
+    }
+  }
+
+  #lock(req: Request): boolean | Promise<boolean> {
+    const p = req.params;
+    const name = p.get("name") ?? "";
+    const fail = async (reason: string): Promise<boolean> => {
+      await this.#finish(`${Reply.ERR},${reason}`);
+      return false;
+    };
+    if (!isValidLockName(name)) return fail(ErrorReason.INVALID_LOCK_NAME);
+    const clientId = p.get("client-id");
+    if (clientId !== undefined && !isValidClientId(clientId)) {
+      return fail(ErrorReason.INVALID_CLIENT_ID);
+    }
+    const waitText = p.get("wait");
+    const ttlText = p.get("ttl");
+    const limitText = p.get("limit");
+    this.#extended = waitText !== undefined || ttlText !== undefined || limitText !== undefined;
+    let wait = 0;
+    if (waitText !== undefined) {
+      const v = parseDecimal(waitText);
+      if (v === undefined) return fail(ErrorReason.INVALID_WAIT);
+      wait = v;
+    }
+    let ttl: number | undefined;
+    if (ttlText !== undefined) {
+      ttl = parseDecimal(ttlText);
+      if (ttl === undefined || !(ttl > 0)) return fail(ErrorReason.INVALID_TTL);
+    }
+    let limit = 1;
+    if (limitText !== undefined) {
+      const v = parsePositiveInt(limitText);
+      if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
+      limit = v;
+    }
+    const claim = this.#host.table.acquire(
+      { name, limit, wait, ttl, clientId: clientId ?? "", remote: this.remote },
+      this,
+    );
+    // The table has told us the outcome already: waiting or holding goes on, else it is over.
+    if (claim.state === "waiting" || claim.state === "holding") this.#claim = claim;
+    return this.#state === "waiting" || this.#state === "holding";
+  }
+
+  /** Queues a holder's line behind the ones before it; resolves once it is answered. */
+  #enqueueHeld(text: string): Promise<void> {
+    this.#heldChain = this.#heldChain.then(() => {
+      if (this.#state === "holding") return this.#held(text);
+    });
+    return this.#heldChain;
+  }
+
+  /** A line from a holder: renews the lease, then release, keepalive or bad-action. */
+  async #held(text: string): Promise<void> {
+    const claim = this.#claim!;
+    const table = this.#host.table;
+    table.renew(claim);
+    // As in the original, only the action counts here; parameters are ignored.
+    const comma = text.indexOf(",");
+    const action = (comma < 0 ? text : text.slice(0, comma)).trim();
+    if (action === Action.RELEASE) {
+      this.#claim = undefined;
+      table.end(claim, "released");
+      await this.#finish(Reply.RELEASED);
+    } else if (action === Action.KEEPALIVE) {
+      await this.#send(Reply.ALIVE, true);
+    } else {
+      await this.#send(Reply.BAD_ACTION, true);
+    }
+  }
+
+  // --- Output and closing.
+
+  /** Queues a reply; resolves when it has been written. */
+  #send(text: string, cache = false): Promise<void> {
+    if (this.#state === "closing" || this.#state === "closed") return this.#writing;
+    const bytes = line(text, cache);
+    this.#owed += bytes.length;
+    if (this.#owed > MAX_OWED_BYTES) {
+      // The peer stopped reading: don't buffer for it without bound.
+      this.#host.warn("Closing the connection of {peer}: it does not read its replies", {
+        event: "disconnected",
+        reason: "slow reader",
+        peer: this.remote,
+      });
+      this.#close();
+      return this.#writing;
+    }
+    const conn = this.#conn;
+    this.#writing = this.#writing.then(async () => {
+      let done = 0;
+      while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+      this.#owed -= bytes.length;
+    });
+    this.#writing.catch(() => this.#close());
+    return this.#writing;
+  }
+
+  /** Sends a last reply, half-closes, and leaves the connection to be drained and closed. */
+  #finish(text: string): Promise<void> {
+    if (this.#state === "closing" || this.#state === "closed") {
+      return this.#finishing ?? this.#writing;
+    }
+    this.#finishing = this.#finishNow(text);
+    return this.#finishing;
+  }
+
+  async #finishNow(text: string): Promise<void> {
+    if (this.#claim !== undefined) {
+      // Leaving while waiting or holding (a bad line, a slow reader): free it first.
+      const claim = this.#claim;
+      this.#claim = undefined;
+      this.#host.table.end(claim, "disconnected");
+    }
+    const written = this.#send(text);
+    this.#state = "closing";
+    try {
+      await written;
+      await this.#conn.closeWrite();
+    } catch {
+      this.#close();
+      return;
+    }
+    // Wake the reader if it is parked in a read: the drain (or the timer) closes the socket.
+    if (this.#timer === undefined) {
+      this.#timer = setTimeout(() => {
+        this.#timer = undefined;
+        this.#close();
+      }, LINGER_MS);
+    }
+  }
+
+  /** Reads and drops what the peer still sends, until it closes or the linger runs out. */
+  async #drain(): Promise<void> {
+    let total = 0;
+    while (this.#state === "closing" && total < LINGER_BYTES) {
+      const n = await this.#conn.read(drainBuffer);
+      if (n === null) break;
+      total += n;
+    }
+  }
+
+  /** Closes the socket at once and frees whatever the connection held or waited for. */
+  #close(): void {
+    if (this.#state === "closed") return;
+    this.#state = "closed";
+    if (this.#timer !== undefined) {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
+    }
+    const claim = this.#claim;
+    this.#claim = undefined;
+    if (claim !== undefined) this.#host.table.end(claim, this.#endReason);
+    try {
+      this.#conn.close();
+    } catch {
+      // already closed
+    }
+    this.#host.sessionEnded(this);
+  }
+}

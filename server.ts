@@ -1,0 +1,276 @@
+#!/usr/bin/env -S deno run --allow-net --allow-env --allow-read --allow-write --allow-sys
+/**
+ * The tcpnetlock server: keeps named locks for clients that connect over TCP.
+ *
+ * ```sh
+ * deno run -A jsr:@x/tcpnetlock/server --info
+ * deno run -A server.ts --listen 0.0.0.0 --port 7654 --info
+ * ```
+ *
+ * Every flag can also come from a `TCPNETLOCK_*` environment variable (the flag wins); see
+ * `--help`. SIGINT or SIGTERM stops it: it stops accepting, closes every connection (freeing
+ * every lock) and exits 0.
+ *
+ * @example Start a server from code
+ * ```ts
+ * import { main } from "./server.ts";
+ * const code = await main(["--port", "7654", "--info"]); // runs until SIGINT/SIGTERM
+ * ```
+ *
+ * @module
+ */
+
+import {
+  env,
+  type FlagSpec,
+  formatFlags,
+  intFlag,
+  parseFlags,
+  readFlagFile,
+  secondsFlag,
+  UsageError,
+} from "./lib/cli.ts";
+import { levelFromFlags, setupLogging } from "./lib/log.ts";
+import { DEFAULT_HOST, DEFAULT_MAX_LINE, DEFAULT_PORT } from "./lib/protocol.ts";
+import { ListenError, type LockServer, type ServerOptions, startServer } from "./lib/server.ts";
+import { VERSION } from "./lib/version.ts";
+
+export { ListenError, type LockServer, type ServerOptions, startServer };
+
+/** The server's flags; each also from the environment variable named. */
+export const SERVER_FLAGS: FlagSpec[] = [
+  {
+    name: "listen",
+    type: "string",
+    arg: "HOST",
+    env: "TCPNETLOCK_LISTEN",
+    default: DEFAULT_HOST,
+    help: "address to listen on (localhost: 127.0.0.1 and ::1; 0.0.0.0: every IPv4 address)",
+  },
+  {
+    name: "port",
+    type: "string",
+    arg: "PORT",
+    env: "TCPNETLOCK_PORT",
+    default: String(DEFAULT_PORT),
+    help: "TCP port (0 picks a free one)",
+  },
+  { name: "info", type: "boolean", env: "TCPNETLOCK_INFO", help: "log every lock event" },
+  { name: "debug", type: "boolean", env: "TCPNETLOCK_DEBUG", help: "log even more" },
+  {
+    name: "log-format",
+    type: "string",
+    arg: "text|json",
+    env: "TCPNETLOCK_LOG_FORMAT",
+    default: "text",
+    help: "log lines as text or as JSON objects",
+  },
+  {
+    name: "max-line",
+    type: "string",
+    arg: "BYTES",
+    env: "TCPNETLOCK_MAX_LINE",
+    default: String(DEFAULT_MAX_LINE),
+    help: "longest request line",
+  },
+  {
+    name: "first-line-timeout",
+    type: "string",
+    arg: "SECONDS",
+    env: "TCPNETLOCK_FIRST_LINE_TIMEOUT",
+    default: "60",
+    help: "close connections that send no line for this long",
+  },
+  {
+    name: "max-wait",
+    type: "string",
+    arg: "SECONDS",
+    env: "TCPNETLOCK_MAX_WAIT",
+    default: "no cap",
+    help: "cut longer `wait:` requests to this",
+  },
+  {
+    name: "max-connections",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_MAX_CONNECTIONS",
+    default: "no limit",
+    help: "most open connections",
+  },
+  {
+    name: "max-waiters",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_MAX_WAITERS",
+    default: "no limit",
+    help: "most waiters per lock name",
+  },
+  {
+    name: "max-locks",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_MAX_LOCKS",
+    default: "no limit",
+    help: "most distinct names held or waited on",
+  },
+  {
+    name: "state-file",
+    type: "string",
+    arg: "PATH",
+    env: "TCPNETLOCK_STATE_FILE",
+    help: "keep the fencing token high-water mark here",
+  },
+  {
+    name: "auth-token-file",
+    type: "string",
+    arg: "FILE",
+    env: "TCPNETLOCK_AUTH_TOKEN_FILE",
+    help: "require auth:TOKEN on every request but .ping (or set TCPNETLOCK_AUTH_TOKEN)",
+  },
+  {
+    name: "tls-cert",
+    type: "string",
+    arg: "FILE",
+    env: "TCPNETLOCK_TLS_CERT",
+    help: "speak TLS with this PEM certificate (needs --tls-key)",
+  },
+  {
+    name: "tls-key",
+    type: "string",
+    arg: "FILE",
+    env: "TCPNETLOCK_TLS_KEY",
+    help: "the PEM private key of --tls-cert",
+  },
+  {
+    name: "allow-remote-shutdown",
+    type: "boolean",
+    env: "TCPNETLOCK_ALLOW_REMOTE_SHUTDOWN",
+    help: "obey .server-shutdown from any peer, not only loopback",
+  },
+  { name: "help", type: "boolean", short: "h", help: "show this help and exit" },
+  { name: "version", type: "boolean", help: "show the version and exit" },
+];
+
+/** The `--help` text. */
+export function usage(): string {
+  return `tcpnetlock server ${VERSION}: named locks over TCP
+
+Usage: deno run -A server.ts [options]
+
+Options:
+${formatFlags(SERVER_FLAGS)}
+
+Exit codes: 0 stopped by a signal or .server-shutdown; 2 bad usage or cannot listen;
+3 failure while serving.
+`;
+}
+
+/** Reads the command line and environment into server options and logging settings. */
+export function parseServerArgs(
+  args: string[],
+):
+  | { options: ServerOptions; level: "debug" | "info" | "warning"; json: boolean }
+  | "help"
+  | "version" {
+  const { values } = parseFlags(args, SERVER_FLAGS);
+  if (values.help) return "help";
+  if (values.version) return "version";
+  const format = values["log-format"] ?? "text";
+  if (format !== "text" && format !== "json") {
+    throw new UsageError(`Invalid value for --log-format: "${format}" (expected text or json)`);
+  }
+  const options: ServerOptions = {
+    hostname: (values.listen as string | undefined)?.trim() || DEFAULT_HOST,
+    port: intFlag(values, "port", 0, 65535) ?? DEFAULT_PORT,
+    maxLine: intFlag(values, "max-line", 16, 1 << 20),
+    firstLineTimeout: secondsFlag(values, "first-line-timeout"),
+    maxWait: secondsFlag(values, "max-wait", true),
+    maxConnections: intFlag(values, "max-connections", 1),
+    maxWaiters: intFlag(values, "max-waiters", 0),
+    maxLocks: intFlag(values, "max-locks", 1),
+    allowRemoteShutdown: values["allow-remote-shutdown"] === true,
+    stateFile: values["state-file"] as string | undefined,
+  };
+  const tokenFile = values["auth-token-file"] as string | undefined;
+  if (tokenFile !== undefined) {
+    const token = readFlagFile(tokenFile, "the auth token file").trim();
+    if (token === "") throw new UsageError(`The auth token file "${tokenFile}" is empty`);
+    options.authToken = token;
+  } else {
+    const token = env("TCPNETLOCK_AUTH_TOKEN")?.trim();
+    if (token) options.authToken = token;
+  }
+  const cert = values["tls-cert"] as string | undefined;
+  const key = values["tls-key"] as string | undefined;
+  if ((cert === undefined) !== (key === undefined)) {
+    throw new UsageError("--tls-cert and --tls-key go together: give both or neither");
+  }
+  if (cert !== undefined && key !== undefined) {
+    options.tls = {
+      cert: readFlagFile(cert, "the TLS certificate"),
+      key: readFlagFile(key, "the TLS key"),
+    };
+  }
+  return {
+    options,
+    level: levelFromFlags({ debug: values.debug === true, info: values.info === true }),
+    json: format === "json",
+  };
+}
+
+/**
+ * Runs the server until SIGINT, SIGTERM or `.server-shutdown`; resolves to the exit code.
+ *
+ * @example
+ * ```ts
+ * import { main } from "./server.ts";
+ * Deno.exit(await main(Deno.args));
+ * ```
+ */
+export async function main(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseServerArgs(args);
+  } catch (err) {
+    if (err instanceof UsageError) {
+      console.error(`tcpnetlock server: ${err.message}\nTry --help for the options.`);
+      return 2;
+    }
+    throw err;
+  }
+  if (parsed === "help") {
+    console.log(usage());
+    return 0;
+  }
+  if (parsed === "version") {
+    console.log(VERSION);
+    return 0;
+  }
+  setupLogging({ level: parsed.level, format: parsed.json ? "json" : "text" });
+  let server: LockServer;
+  try {
+    server = await startServer(parsed.options);
+  } catch (err) {
+    if (err instanceof ListenError) {
+      console.error(`tcpnetlock server: ${err.message}`);
+      return 2;
+    }
+    console.error(`tcpnetlock server: ${err instanceof Error ? err.message : err}`);
+    return 2;
+  }
+  const stop = () => {
+    server.close();
+  };
+  const signals: Deno.Signal[] = ["SIGINT", "SIGTERM"];
+  for (const s of signals) Deno.addSignalListener(s, stop);
+  try {
+    await server.finished;
+  } finally {
+    for (const s of signals) Deno.removeSignalListener(s, stop);
+  }
+  return 0;
+}
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}

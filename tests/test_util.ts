@@ -1,0 +1,229 @@
+/**
+ * Shared test fixtures: in-process servers, server subprocesses, raw line-oriented sockets.
+ *
+ * @module
+ */
+
+import { LineReader } from "../lib/lines.ts";
+import { type LockServer, type ServerOptions, startServer } from "../lib/server.ts";
+
+/** The repository root (where deno.json is). */
+export const ROOT: string = new URL("..", import.meta.url).pathname;
+
+/** An in-process server on a free port, disposable. */
+export interface TestServer extends AsyncDisposable {
+  server: LockServer;
+  port: number;
+  hostname: string;
+}
+
+/** Starts an in-process server on 127.0.0.1 and a free port: `await using srv = await startTestServer()`. */
+export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
+  const server = await startServer({ hostname: "127.0.0.1", port: 0, ...options });
+  return {
+    server,
+    port: server.port,
+    hostname: server.hostname,
+    [Symbol.asyncDispose]: () => server.close(),
+  };
+}
+
+const encoder = new TextEncoder();
+
+/** A raw client socket that writes text and reads lines, as netcat would. */
+export class RawClient implements AsyncDisposable {
+  readonly conn: Deno.Conn;
+  readonly #reader: LineReader;
+
+  private constructor(conn: Deno.Conn) {
+    this.conn = conn;
+    this.#reader = new LineReader(conn, 1 << 20);
+  }
+
+  /** Connects to `port` on `hostname` (default 127.0.0.1). */
+  static async connect(port: number, hostname = "127.0.0.1"): Promise<RawClient> {
+    return new RawClient(await Deno.connect({ hostname, port }));
+  }
+
+  /** Writes `text` as is (add the `\n` yourself). */
+  async write(text: string | Uint8Array): Promise<void> {
+    const bytes = typeof text === "string" ? encoder.encode(text) : text;
+    let done = 0;
+    while (done < bytes.length) done += await this.conn.write(bytes.subarray(done));
+  }
+
+  /** The next line, or null at end of stream (also null when the peer reset the connection). */
+  async line(): Promise<string | null> {
+    try {
+      const r = await this.#reader.next();
+      if (r.kind === "line") return r.line;
+      if (r.kind === "eof") return null;
+      throw new Error(`unexpected ${r.kind} from the server`);
+    } catch (err) {
+      if (err instanceof Deno.errors.ConnectionReset) return null;
+      throw err;
+    }
+  }
+
+  /** Reads lines until the server closes; returns them. */
+  async rest(): Promise<string[]> {
+    const out: string[] = [];
+    for (;;) {
+      const l = await this.line();
+      if (l === null) return out;
+      out.push(l);
+    }
+  }
+
+  /** Sends one request line and reads one reply line. */
+  async request(text: string): Promise<string | null> {
+    await this.write(text.endsWith("\n") ? text : text + "\n");
+    return await this.line();
+  }
+
+  close(): void {
+    try {
+      this.conn.close();
+    } catch {
+      // already closed
+    }
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.close();
+    return Promise.resolve();
+  }
+}
+
+/** One exchange on a fresh connection: send `text`, return every line until the server closes. */
+export async function exchange(
+  port: number,
+  text: string,
+  hostname = "127.0.0.1",
+): Promise<string[]> {
+  await using c = await RawClient.connect(port, hostname);
+  await c.write(text);
+  return await c.rest();
+}
+
+/** A server running as a subprocess (`deno run -A server.ts ...`). */
+export interface ServerProcess extends AsyncDisposable {
+  child: Deno.ChildProcess;
+  port: number;
+  /** Everything it wrote to stderr so far. */
+  stderr(): string;
+  /** Resolves when stderr has a line matching `re` (rejects after `timeoutMs`). */
+  waitForLog(re: RegExp, timeoutMs?: number): Promise<string>;
+  /** Sends a signal and waits for the exit status. */
+  stop(signal?: Deno.Signal): Promise<Deno.CommandStatus>;
+}
+
+/**
+ * Starts `server.ts` as a subprocess with `--info --port 0` plus `args` (override the port with
+ * `--port`), reads its stderr continuously and resolves once it is listening.
+ */
+export async function startServerProcess(
+  args: string[] = [],
+  options: { env?: Record<string, string>; listen?: string } = {},
+): Promise<ServerProcess> {
+  const hasPort = args.includes("--port");
+  const child = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      `${ROOT}server.ts`,
+      "--info",
+      "--listen",
+      options.listen ?? "127.0.0.1",
+      ...(hasPort ? [] : ["--port", "0"]),
+      ...args,
+    ],
+    env: options.env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let text = "";
+  const waiters: { re: RegExp; resolve: (l: string) => void }[] = [];
+  const decoder = new TextDecoder();
+  const pump = async (stream: ReadableStream<Uint8Array>, keep: boolean) => {
+    for await (const chunk of stream) {
+      if (!keep) continue;
+      text += decoder.decode(chunk, { stream: true });
+      for (const w of [...waiters]) {
+        const m = text.split("\n").find((l) => w.re.test(l));
+        if (m !== undefined) {
+          waiters.splice(waiters.indexOf(w), 1);
+          w.resolve(m);
+        }
+      }
+    }
+  };
+  const pumps = Promise.all([pump(child.stderr, true), pump(child.stdout, false)]);
+  const waitForLog = (re: RegExp, timeoutMs = 10_000): Promise<string> => {
+    const m = text.split("\n").find((l) => re.test(l));
+    if (m !== undefined) return Promise.resolve(m);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        waiters.splice(waiters.findIndex((w) => w.re === re), 1);
+        reject(new Error(`server log never matched ${re}; stderr so far:\n${text}`));
+      }, timeoutMs);
+      waiters.push({
+        re,
+        resolve: (l) => {
+          clearTimeout(timer);
+          resolve(l);
+        },
+      });
+    });
+  };
+  let status: Promise<Deno.CommandStatus> | undefined;
+  const stop = async (signal: Deno.Signal = "SIGTERM") => {
+    try {
+      child.kill(signal);
+    } catch {
+      // already exited
+    }
+    status ??= child.status;
+    const s = await status;
+    await pumps;
+    return s;
+  };
+  let port = 0;
+  try {
+    const l = await Promise.race([
+      waitForLog(/listening on/),
+      child.status.then((s) => {
+        throw new Error(`server exited with ${s.code} before listening:\n${text}`);
+      }),
+    ]);
+    port = Number(/:(\d+)\b[^:]*$/.exec(l)?.[1] ?? /:(\d+)/.exec(l)![1]);
+  } catch (err) {
+    await stop("SIGKILL");
+    throw err;
+  }
+  return {
+    child,
+    port,
+    stderr: () => text,
+    waitForLog,
+    stop,
+    [Symbol.asyncDispose]: async () => {
+      await stop("SIGKILL");
+    },
+  };
+}
+
+/** Resolves when `fn` returns true, checking every `everyMs` (for state only observable by polling). */
+export async function until(
+  fn: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 5000,
+  everyMs = 10,
+): Promise<void> {
+  const end = performance.now() + timeoutMs;
+  while (!(await fn())) {
+    if (performance.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
