@@ -227,3 +227,84 @@ export async function until(
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
+
+/** A throwaway CA and a server certificate it signed, for `localhost` and 127.0.0.1. */
+export interface TlsFixture {
+  /** PEM of the CA certificate (what clients trust). */
+  caCert: string;
+  /** Paths of the server's PEM certificate and key. */
+  certFile: string;
+  keyFile: string;
+  /** The server certificate and key as PEM text. */
+  cert: string;
+  key: string;
+}
+
+/** Generates a {@linkcode TlsFixture} in `dir` with openssl (installed by .ci/run). */
+export async function makeTlsFixture(dir: string): Promise<TlsFixture> {
+  const run = async (args: string[]) => {
+    const out = await new Deno.Command("openssl", { args, stdout: "null", stderr: "piped" })
+      .output();
+    if (!out.success) {
+      throw new Error(`openssl ${args[0]} failed: ${new TextDecoder().decode(out.stderr)}`);
+    }
+  };
+  const ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+  await run([
+    "req",
+    "-x509",
+    ...ec,
+    "-days",
+    "2",
+    "-subj",
+    "/CN=tcpnetlock test CA",
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign",
+    "-keyout",
+    `${dir}/ca.key`,
+    "-out",
+    `${dir}/ca.pem`,
+  ]);
+  await run([
+    "req",
+    "-new",
+    ...ec,
+    "-subj",
+    "/CN=localhost",
+    "-keyout",
+    `${dir}/server.key`,
+    "-out",
+    `${dir}/server.csr`,
+  ]);
+  await Deno.writeTextFile(
+    `${dir}/ext.cnf`,
+    "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\n" +
+      "extendedKeyUsage=serverAuth\n",
+  );
+  await run([
+    "x509",
+    "-req",
+    "-in",
+    `${dir}/server.csr`,
+    "-CA",
+    `${dir}/ca.pem`,
+    "-CAkey",
+    `${dir}/ca.key`,
+    "-CAcreateserial",
+    "-days",
+    "2",
+    "-extfile",
+    `${dir}/ext.cnf`,
+    "-out",
+    `${dir}/server.pem`,
+  ]);
+  return {
+    caCert: await Deno.readTextFile(`${dir}/ca.pem`),
+    certFile: `${dir}/server.pem`,
+    keyFile: `${dir}/server.key`,
+    cert: await Deno.readTextFile(`${dir}/server.pem`),
+    key: await Deno.readTextFile(`${dir}/server.key`),
+  };
+}
