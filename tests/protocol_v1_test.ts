@@ -314,7 +314,7 @@ Deno.test("a server on `localhost` listens on both 127.0.0.1 and ::1 when ::1 ex
   const hosts = srv.server.addrs.map((a) => a.hostname);
   assert.ok(hosts.includes("127.0.0.1"));
   assert.deepEqual(await exchange(srv.port, ".ping\n", "127.0.0.1"), ["pong"]);
-  if (await hasIpv6Loopback()) {
+  if (hasIpv6Loopback()) {
     assert.ok(hosts.includes("::1"), `listening on ${hosts}`);
     assert.deepEqual(await exchange(srv.port, ".ping\n", "::1"), ["pong"]);
     assert.deepEqual(await exchange(srv.port, ".ping\n", "localhost"), ["pong"]);
@@ -343,7 +343,7 @@ async function hasCommand(name: string): Promise<boolean> {
   return r.success;
 }
 
-async function hasIpv6Loopback(): Promise<boolean> {
+function hasIpv6Loopback(): boolean {
   try {
     const l = Deno.listen({ hostname: "::1", port: 0 });
     l.close();
