@@ -83,7 +83,9 @@ export class ListenError extends Error {
 
 const log = getLogger(["tcpnetlock", "server"]);
 const encoder = new TextEncoder();
-const TOO_MANY_CONNECTIONS = encoder.encode(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`);
+const TOO_MANY_CONNECTIONS = encoder.encode(
+  `${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`,
+);
 
 function secondsToMs(value: number | undefined, fallback: number): number {
   return value === undefined ? fallback : Math.max(0, value * 1000);
@@ -118,10 +120,13 @@ function logEvent(event: TableEvent): void {
       });
       break;
     case "queued":
-      log.debug("Lock {lock}: {client_id} at {peer} waits at position {position}", {
-        ...props,
-        position: event.position,
-      });
+      log.debug(
+        "Lock {lock}: {client_id} at {peer} waits at position {position}",
+        {
+          ...props,
+          position: event.position,
+        },
+      );
       break;
     case "not_granted":
       log.info("Lock {lock} not granted to {client_id} at {peer}", props);
@@ -134,18 +139,27 @@ function logEvent(event: TableEvent): void {
       });
       break;
     case "timeout":
-      log.info("Lock {lock}: the wait of {client_id} at {peer} ran out after {waited_s} s", {
-        ...props,
-        waited_s: Math.round(event.waitedMs) / 1000,
-      });
+      log.info(
+        "Lock {lock}: the wait of {client_id} at {peer} ran out after {waited_s} s",
+        {
+          ...props,
+          waited_s: Math.round(event.waitedMs) / 1000,
+        },
+      );
       break;
     case "ended": {
       const held_s = Math.round(event.heldMs) / 1000;
       const p = { ...props, event: event.reason, token: claim.token, held_s };
       if (event.reason === "released") {
-        log.info("Lock {lock} released by {client_id} at {peer} after {held_s} s", p);
+        log.info(
+          "Lock {lock} released by {client_id} at {peer} after {held_s} s",
+          p,
+        );
       } else if (event.reason === "expired") {
-        log.info("Lock {lock} expired: {client_id} at {peer} sent nothing for its ttl", p);
+        log.info(
+          "Lock {lock} expired: {client_id} at {peer} sent nothing for its ttl",
+          p,
+        );
       } else if (claim.grantedAt > 0) {
         log.info(
           "Lock {lock} freed: the connection of {client_id} at {peer} ended after {held_s} s",
@@ -175,7 +189,9 @@ function logEvent(event: TableEvent): void {
  * console.log(`listening on port ${server.port}`);
  * ```
  */
-export async function startServer(options: ServerOptions = {}): Promise<LockServer> {
+export async function startServer(
+  options: ServerOptions = {},
+): Promise<LockServer> {
   const impl = new ServerImpl(options);
   await impl.listen();
   return impl;
@@ -205,9 +221,14 @@ class ServerImpl implements LockServer, SessionHost {
     this.#options = options;
     this.hostname = options.hostname ?? DEFAULT_HOST;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
-    this.firstLineTimeoutMs = secondsToMs(options.firstLineTimeout, 60_000);
+    this.firstLineTimeoutMs = Math.min(
+      2 ** 31 - 1,
+      secondsToMs(options.firstLineTimeout, 60_000),
+    );
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
-    this.checkAuth = options.authToken === undefined ? undefined : makeAuthCheck(options.authToken);
+    this.checkAuth = options.authToken === undefined
+      ? undefined
+      : makeAuthCheck(options.authToken);
     const onEvent = options.onEvent;
     this.table = new LockTable({
       tokens: new TokenSequence({ stateFile: options.stateFile }),
@@ -239,7 +260,9 @@ class ServerImpl implements LockServer, SessionHost {
     const wanted = this.#options.port ?? DEFAULT_PORT;
     // "localhost" may resolve to 127.0.0.1 or to ::1 depending on the machine: listen on both,
     // on the same port, so that a client on its defaults finds the server either way.
-    const hosts = this.hostname === "localhost" ? ["127.0.0.1", "::1"] : [this.hostname];
+    const hosts = this.hostname === "localhost"
+      ? ["127.0.0.1", "::1"]
+      : [this.hostname];
     for (let attempt = 0;; attempt++) {
       try {
         this.#listeners = [];
@@ -256,11 +279,15 @@ class ServerImpl implements LockServer, SessionHost {
         for (const l of this.#listeners) l.close();
         this.#listeners = [];
         // With port 0 the second address can be taken by chance: pick another port.
-        if (wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10) continue;
+        if (
+          wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10
+        ) continue;
         throw this.#listenError(err);
       }
     }
-    for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
+    for (const listener of this.#listeners) {
+      this.#accepting.push(this.#acceptLoop(listener));
+    }
     log.info("tcpnetlock {version} listening on {address}", {
       event: "started",
       version: VERSION,
@@ -274,15 +301,28 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   /** Listens on one address; for an optional one (::1 of localhost), undefined when it has none. */
-  #listenOne(host: string, port: number, optional: boolean): Deno.Listener | undefined {
+  #listenOne(
+    host: string,
+    port: number,
+    optional: boolean,
+  ): Deno.Listener | undefined {
     try {
       const tls = this.#options.tls;
       return tls
-        ? Deno.listenTls({ hostname: host, port, cert: tls.cert, key: tls.key, transport: "tcp" })
+        ? Deno.listenTls({
+          hostname: host,
+          port,
+          cert: tls.cert,
+          key: tls.key,
+          transport: "tcp",
+        })
         : Deno.listen({ hostname: host, port, transport: "tcp" });
     } catch (err) {
       if (optional && !(err instanceof Deno.errors.AddrInUse)) {
-        log.debug("Not listening on {host}: {error}", { host, error: String(err) });
+        log.debug("Not listening on {host}: {error}", {
+          host,
+          error: String(err),
+        });
         return undefined;
       }
       throw err;
@@ -292,13 +332,22 @@ class ServerImpl implements LockServer, SessionHost {
   #listenError(err: unknown): ListenError {
     const where = `${this.hostname}:${this.#options.port ?? DEFAULT_PORT}`;
     if (err instanceof Deno.errors.AddrInUse) {
-      return new ListenError(`Cannot listen on "${where}": address already in use`, { cause: err });
+      return new ListenError(
+        `Cannot listen on "${where}": address already in use`,
+        { cause: err },
+      );
     }
     if (err instanceof Deno.errors.AddrNotAvailable) {
-      return new ListenError(`Cannot listen on "${where}": address not available`, { cause: err });
+      return new ListenError(
+        `Cannot listen on "${where}": address not available`,
+        { cause: err },
+      );
     }
     const text = err instanceof Error ? err.message : String(err);
-    return new ListenError(`Cannot listen on "${where}": ${text.split("\n")[0]}`, { cause: err });
+    return new ListenError(
+      `Cannot listen on "${where}": ${text.split("\n")[0]}`,
+      { cause: err },
+    );
   }
 
   async #acceptLoop(listener: Deno.Listener): Promise<void> {
@@ -307,7 +356,9 @@ class ServerImpl implements LockServer, SessionHost {
       try {
         conn = await listener.accept();
       } catch (err) {
-        if (this.#closing !== undefined || err instanceof Deno.errors.BadResource) return;
+        if (
+          this.#closing !== undefined || err instanceof Deno.errors.BadResource
+        ) return;
         // Out of file descriptors and the like: say so, wait a little, and go on accepting.
         log.warning("Accept failed on {address}: {error}", {
           event: "accept_failed",
@@ -345,7 +396,9 @@ class ServerImpl implements LockServer, SessionHost {
         reason: "too many connections",
         max,
       });
-      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(() => {}).finally(
+      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(
+        () => {},
+      ).finally(
         () => {
           try {
             conn.close();
@@ -372,7 +425,10 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   requestShutdown(remote: string): void {
-    log.warning("Shutting down: asked by {peer}", { event: "shutdown", peer: remote });
+    log.warning("Shutting down: asked by {peer}", {
+      event: "shutdown",
+      peer: remote,
+    });
     // Let the reply go out first.
     setTimeout(() => this.close(), 0);
   }
@@ -438,7 +494,12 @@ class ServerImpl implements LockServer, SessionHost {
     if (this.#closing !== undefined || at >= this.#timerAt) return;
     if (this.#timer !== undefined) clearTimeout(this.#timer);
     this.#timerAt = at;
-    this.#timer = setTimeout(() => this.#fire(), Math.max(0, Math.ceil(at - performance.now())));
+    // setTimeout cannot wait longer than 2^31-1 ms; a later deadline is re-armed when it fires.
+    const delay = Math.min(
+      2 ** 31 - 1,
+      Math.max(0, Math.ceil(at - performance.now())),
+    );
+    this.#timer = setTimeout(() => this.#fire(), delay);
   }
 
   #fire(): void {

@@ -279,3 +279,22 @@ Deno.test("TLS: the server speaks TLS with --tls-cert/--tls-key and a client tru
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a lease or wait longer than setTimeout's range neither spins nor warns", async () => {
+  await using srv = await startServerProcess([]);
+  await using holder = await RawClient.connect(srv.port);
+  token(await holder.request("lock,name:forever,ttl:3000000"));
+  await using waiter = await RawClient.connect(srv.port);
+  assert.equal(await waiter.request("lock,name:forever,wait:3000000"), "queued,position:1");
+  const cpu = async () => {
+    const stat = await Deno.readTextFile(`/proc/${srv.child.pid}/stat`);
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return Number(f[11]) + Number(f[12]); // utime + stime, in clock ticks (1/100 s)
+  };
+  const before = await cpu();
+  await new Promise((r) => setTimeout(r, 1000)); // an idle second, measured
+  const used = (await cpu()) - before;
+  assert.ok(used < 30, `the idle server used ${used / 100} s of CPU in 1 s`);
+  assert.equal(/TimeoutOverflow/.test(srv.stderr()), false, srv.stderr());
+  assert.equal(await holder.request(".keepalive"), "alive");
+});
