@@ -12,7 +12,7 @@
  *
  * @example Hold a lock for the length of a block
  * ```ts
- * import { LockClient } from "./client.ts";
+ * import { LockClient } from "@x/tcpnetlock/client";
  *
  * const client = new LockClient(); // TCPNETLOCK_HOST, TCPNETLOCK_PORT or localhost:7654
  * {
@@ -24,12 +24,13 @@
  *
  * @example Run a function under a lock
  * ```ts
- * import { LockClient } from "./client.ts";
+ * import { LockClient } from "@x/tcpnetlock/client";
  *
  * const client = new LockClient({ host: "locks.internal", clientId: "web-1" });
- * const rows = await client.withLock("db-migration", async ({ token, signal }) => {
- *   signal.throwIfAborted();
- *   return token; // ... the work, passing the token to the storage to fence stale writers
+ * const migrated = await client.withLock("db-migration", async ({ token, signal }) => {
+ *   // ... the work; hand `token` to the storage so that it can refuse a stale holder's writes
+ *   signal.throwIfAborted(); // the lock is still ours
+ *   return token !== undefined;
  * }, { wait: 60, ttl: 15 });
  * ```
  *
@@ -57,7 +58,7 @@ import {
   type ReplyLine,
   type Stats,
 } from "./lib/protocol.ts";
-import { type LineResult, LineReader } from "./lib/lines.ts";
+import { LineReader, type LineResult } from "./lib/lines.ts";
 import {
   ConnectionLostError,
   InvalidClientIdError,
@@ -95,10 +96,10 @@ export {
   type Stats,
 } from "./lib/protocol.ts";
 
-/** Replies to admin calls can be long (`.locks` lists every lock): up to 16 MiB. */
-const ADMIN_MAX_LINE = 16 * 1024 * 1024;
-/** Replies on a lock connection are short words. */
-const LOCK_MAX_LINE = 64 * 1024;
+/** The `.locks` reply lists every lock on one line: up to 16 MiB (allocated for that call only). */
+const LOCKS_MAX_LINE = 16 * 1024 * 1024;
+/** Every other reply is short. */
+const SHORT_MAX_LINE = 64 * 1024;
 /** The default {@linkcode LockClientOptions.connectTimeout}, in milliseconds. */
 const DEFAULT_CONNECT_TIMEOUT = 10_000;
 /** Seconds above this are surely a mistake (and would print in exponent notation). */
@@ -131,7 +132,7 @@ export interface LockClientOptions {
   /**
    * How long to try to connect (TCP and TLS handshake), in milliseconds, before giving up with a
    * {@linkcode ServerUnreachableError}. Default: 10000. `Infinity` waits as long as the system
-   * does.
+   * does. It also bounds how long {@linkcode HeldLock.release} waits for the server to confirm.
    */
   connectTimeout?: number;
 }
@@ -181,7 +182,7 @@ export interface RequestOptions {
  *
  * @example
  * ```ts
- * import { LockClient } from "./client.ts";
+ * import { LockClient } from "@x/tcpnetlock/client";
  * const lock = await new LockClient().lock("db", { wait: 10, ttl: 30 });
  * try {
  *   lock.signal.throwIfAborted();
@@ -254,7 +255,7 @@ export interface LockContext {
  *
  * @example Try a lock, do not wait
  * ```ts
- * import { LockClient } from "./client.ts";
+ * import { LockClient } from "@x/tcpnetlock/client";
  * const client = new LockClient({ host: "locks.internal", port: 7654, clientId: "cron-1" });
  * const lock = await client.tryLock("nightly-report");
  * if (lock === null) {
@@ -267,7 +268,7 @@ export interface LockContext {
  *
  * @example Wait in line, with a lease and a fencing token
  * ```ts
- * import { LockClient } from "./client.ts";
+ * import { LockClient } from "@x/tcpnetlock/client";
  * await using client = new LockClient();
  * await using lock = await client.lock("db", {
  *   wait: 30,
@@ -304,7 +305,7 @@ export class LockClient implements AsyncDisposable {
   constructor(options: LockClientOptions = {}) {
     let host = options.host ?? envVar("TCPNETLOCK_HOST") ?? DEFAULT_HOST;
     if (host.startsWith("[") && host.endsWith("]")) host = host.slice(1, -1);
-    if (host === "") throw new RangeError("Invalid host \"\": give a host name or an IP address");
+    if (host === "") throw new RangeError('Invalid host "": give a host name or an IP address');
     this.host = host;
 
     let port = options.port;
@@ -362,7 +363,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * await using lock = await new LockClient().lock("db", { wait: 10, ttl: 30 });
    * ```
    *
@@ -402,7 +403,7 @@ export class LockClient implements AsyncDisposable {
     const fail = (what: string) => `Cannot acquire ${where}: ${what}`;
     const facts = { server: this.server, lockName: name };
     const signal = this.#signal(options.signal);
-    const wire = await this.#connect(signal, LOCK_MAX_LINE);
+    const wire = await this.#connect(signal, SHORT_MAX_LINE);
     let holding: Holding | undefined;
     const onAbort = () => wire.close();
     signal.addEventListener("abort", onAbort, { once: true });
@@ -455,6 +456,7 @@ export class LockClient implements AsyncDisposable {
               clientId,
               ttl,
               keepAlive: keepAlive ?? (ttl === undefined ? undefined : ttl / 3),
+              releaseTimeout: this.#connectTimeout,
               onEnd: (h) => this.#held.delete(h),
             });
             this.#held.add(holding);
@@ -488,7 +490,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * await using lock = await new LockClient().tryLock("nightly-report");
    * if (lock === null) console.log("someone else is on it");
    * ```
@@ -514,7 +516,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * const client = new LockClient();
    * await client.withLock("db-migration", async ({ token, signal }) => {
    *   await fetch("https://example.com/migrate?fence=" + token, { signal });
@@ -548,7 +550,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * const ms = await new LockClient().ping();
    * console.log(`server answered in ${ms.toFixed(1)} ms`);
    * ```
@@ -567,7 +569,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * const stats = await new LockClient().stats();
    * console.log(`${stats.lock_count} locks held`);
    * ```
@@ -592,7 +594,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * for (const lock of await new LockClient().locks()) {
    *   console.log(lock.name, lock.holders.map((h) => h.client_id), lock.waiting);
    * }
@@ -620,7 +622,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * await new LockClient().shutdown();
    * ```
    *
@@ -636,7 +638,7 @@ export class LockClient implements AsyncDisposable {
    *
    * @example
    * ```ts
-   * import { LockClient } from "./client.ts";
+   * import { LockClient } from "@x/tcpnetlock/client";
    * const client = new LockClient();
    * await client.lock("a");
    * await client.close(); // "a" is released
@@ -644,9 +646,11 @@ export class LockClient implements AsyncDisposable {
    */
   async close(): Promise<void> {
     if (!this.#closing.signal.aborted) {
-      this.#closing.abort(new TcpNetLockError(`The client of "${this.server}" is closed`, {
-        server: this.server,
-      }));
+      this.#closing.abort(
+        new TcpNetLockError(`The client of "${this.server}" is closed`, {
+          server: this.server,
+        }),
+      );
     }
     await Promise.all([...this.#held].map((h) => h[Symbol.asyncDispose]()));
   }
@@ -666,7 +670,10 @@ export class LockClient implements AsyncDisposable {
     const fail = this.#failer(verb);
     const facts = { server: this.server };
     const signal = this.#signal(options.signal);
-    const wire = await this.#connect(signal, ADMIN_MAX_LINE);
+    const wire = await this.#connect(
+      signal,
+      action === Action.LOCKS ? LOCKS_MAX_LINE : SHORT_MAX_LINE,
+    );
     const onAbort = () => wire.close();
     signal.addEventListener("abort", onAbort, { once: true });
     try {
@@ -725,7 +732,7 @@ export class LockClient implements AsyncDisposable {
     const attempt = new AbortController();
     let timedOut = false;
     const timer = Number.isFinite(timeout)
-      ? setTimeout(() => {
+      ? later(() => {
         timedOut = true;
         attempt.abort();
       }, timeout)
@@ -736,9 +743,10 @@ export class LockClient implements AsyncDisposable {
     try {
       const hostnames = this.host === "localhost" ? ["127.0.0.1", "::1"] : [this.host];
       let refused: unknown;
+      let tcp: Deno.TcpConn | undefined;
       for (const hostname of hostnames) {
         try {
-          conn = await Deno.connect({ hostname, port: this.port, signal: attempt.signal });
+          conn = tcp = await Deno.connect({ hostname, port: this.port, signal: attempt.signal });
           break;
         } catch (e) {
           if (attempt.signal.aborted) throw e;
@@ -749,30 +757,29 @@ export class LockClient implements AsyncDisposable {
           refused ??= e;
         }
       }
-      if (conn === undefined) {
+      if (tcp === undefined) {
         throw new ServerUnreachableError(server, "connection refused", {
           refused: true,
           cause: refused,
         });
       }
-      if (this.tls) {
-        // If startTls fails, the catch below closes the TCP connection.
-        const tlsConn = await Deno.startTls(conn, { hostname: this.host, caCerts: this.#caCerts });
-        conn = tlsConn;
-        const onAttemptAbort = () => tlsConn.close();
-        attempt.signal.addEventListener("abort", onAttemptAbort, { once: true });
-        try {
-          await tlsConn.handshake();
-        } catch (e) {
-          if (attempt.signal.aborted) throw e;
-          throw new ServerUnreachableError(server, `TLS handshake failed (${describe(e)})`, {
-            cause: e,
-          });
-        } finally {
-          attempt.signal.removeEventListener("abort", onAttemptAbort);
-        }
+      if (!this.tls) return new Wire(tcp, maxLine);
+      // If startTls fails, the catch below closes the TCP connection.
+      const tlsConn = await Deno.startTls(tcp, { hostname: this.host, caCerts: this.#caCerts });
+      conn = tlsConn;
+      const onAttemptAbort = () => tlsConn.close();
+      attempt.signal.addEventListener("abort", onAttemptAbort, { once: true });
+      try {
+        await tlsConn.handshake();
+      } catch (e) {
+        if (attempt.signal.aborted) throw e;
+        throw new ServerUnreachableError(server, `TLS handshake failed (${describe(e)})`, {
+          cause: e,
+        });
+      } finally {
+        attempt.signal.removeEventListener("abort", onAttemptAbort);
       }
-      return new Wire(conn, maxLine);
+      return new Wire(tlsConn, maxLine);
     } catch (e) {
       closeQuietly(conn);
       if (signal.aborted) throw signal.reason;
@@ -839,6 +846,7 @@ interface HoldingInit {
   clientId: string | undefined;
   ttl: number | undefined;
   keepAlive: number | undefined;
+  releaseTimeout: number;
   onEnd: (holding: Holding) => void;
 }
 
@@ -861,12 +869,14 @@ class Holding implements HeldLock {
   readonly #lost = new AbortController();
   readonly #pending: Pending[] = [];
   readonly #keepAliveMs: number | undefined;
+  readonly #releaseTimeout: number;
   readonly #onEnd: (holding: Holding) => void;
   #state: "held" | "releasing" | "released" | "lost" = "held";
   #release: Promise<void> | undefined;
   #settle!: (reason: TcpNetLockError | undefined) => void;
-  #keepAliveTimer: number | undefined;
-  #leaseTimer: number | undefined;
+  #keepAliveTimer: ReturnType<typeof setTimeout> | undefined;
+  #leaseTimer: ReturnType<typeof setTimeout> | undefined;
+  #releaseTimer: ReturnType<typeof setTimeout> | undefined;
   /** When (performance.now()) the lease surely started last, as far as this side knows. */
   #renewedAt: number;
 
@@ -878,6 +888,7 @@ class Holding implements HeldLock {
     this.clientId = init.clientId;
     this.ttl = init.ttl;
     this.#onEnd = init.onEnd;
+    this.#releaseTimeout = init.releaseTimeout;
     this.#keepAliveMs = init.keepAlive === undefined ? undefined : init.keepAlive * 1000;
     this.closed = new Promise((resolve) => this.#settle = resolve);
     this.#renewedAt = performance.now();
@@ -915,6 +926,18 @@ class Holding implements HeldLock {
         this.#state = "releasing";
         this.#stopTimers();
         this.#release = this.#send(Action.RELEASE, Reply.RELEASED);
+        if (Number.isFinite(this.#releaseTimeout)) {
+          // A server that does not confirm: closing the connection frees the lock all the same.
+          this.#releaseTimer = later(() => {
+            this.#lose(
+              new ConnectionLostError(
+                `Cannot release ${this.#where()}: no confirmation within ` +
+                  `${this.#releaseTimeout} ms, so the connection was closed (which frees the lock)`,
+                this.#facts(),
+              ),
+            );
+          }, this.#releaseTimeout);
+        }
       }
     }
     return this.#release;
@@ -983,9 +1006,10 @@ class Holding implements HeldLock {
       }
       const reply = parseReply(result.line);
       if (reply.word === Reply.EXPIRED) {
+        const lease = this.ttl === undefined ? "the lease" : `the lease of ${this.ttl} s`;
         this.#lose(
           new LockExpiredError(
-            `Lost ${this.#where()}: the lease of ${this.ttl} s ran out on the server`,
+            `Lost ${this.#where()}: ${lease} ran out on the server`,
             this.#facts(),
           ),
         );
@@ -993,7 +1017,9 @@ class Holding implements HeldLock {
       }
       const pending = this.#pending.shift();
       if (pending === undefined || reply.word !== pending.expect) {
-        const to = pending === undefined ? "" : ` to "${pending.expect === Reply.ALIVE ? Action.KEEPALIVE : Action.RELEASE}"`;
+        const to = pending === undefined
+          ? ""
+          : ` to "${pending.expect === Reply.ALIVE ? Action.KEEPALIVE : Action.RELEASE}"`;
         this.#lose(
           new ProtocolError(
             `Lost ${this.#where()}: unexpected reply "${result.line}"${to} from the server`,
@@ -1038,12 +1064,13 @@ class Holding implements HeldLock {
   #stopTimers(): void {
     clearTimeout(this.#keepAliveTimer);
     clearTimeout(this.#leaseTimer);
-    this.#keepAliveTimer = this.#leaseTimer = undefined;
+    clearTimeout(this.#releaseTimer);
+    this.#keepAliveTimer = this.#leaseTimer = this.#releaseTimer = undefined;
   }
 
   #scheduleKeepAlive(): void {
     if (this.#keepAliveMs === undefined || this.#state !== "held") return;
-    this.#keepAliveTimer = setTimeout(() => {
+    this.#keepAliveTimer = later(() => {
       this.#keepAliveTimer = undefined;
       if (this.#state !== "held") return;
       // One keepalive in flight is enough: a slow reply must not pile up more.
@@ -1063,7 +1090,7 @@ class Holding implements HeldLock {
     if (this.ttl === undefined || this.#state !== "held") return;
     clearTimeout(this.#leaseTimer);
     const deadline = this.#renewedAt + this.ttl * 1000;
-    this.#leaseTimer = setTimeout(() => {
+    this.#leaseTimer = later(() => {
       this.#leaseTimer = undefined;
       if (performance.now() < deadline) return this.#scheduleLeaseCheck();
       this.#lose(
@@ -1092,7 +1119,9 @@ function expectLine(
         new ConnectionLostError(fail("the server closed the connection before answering"), facts),
       );
     case "too-long":
-      return throwError(new ProtocolError(fail("the server's reply is too long"), undefined, facts));
+      return throwError(
+        new ProtocolError(fail("the server's reply is too long"), undefined, facts),
+      );
     default:
       return throwError(
         new ProtocolError(fail("the server's reply is not valid UTF-8"), undefined, facts),
@@ -1178,6 +1207,14 @@ function describe(error: unknown): string {
   return message.length > 0 ? message[0].toLowerCase() + message.slice(1) : "unknown error";
 }
 
+/** The longest delay `setTimeout` takes (about 24.8 days); longer ones would fire at once. */
+const MAX_DELAY = 2 ** 31 - 1;
+
+/** `setTimeout` with the delay cut to what it can take (callers re-check their deadlines). */
+function later(fn: () => void, ms: number): ReturnType<typeof setTimeout> {
+  return setTimeout(fn, Math.min(Math.max(0, ms), MAX_DELAY));
+}
+
 function closeQuietly(conn: Deno.Conn | undefined): void {
   try {
     conn?.close();
@@ -1187,6 +1224,6 @@ function closeQuietly(conn: Deno.Conn | undefined): void {
 }
 
 if (import.meta.main) {
-  const { main } = await import("./lib/client_cli.ts");
-  Deno.exit(await main(Deno.args));
+  // No top-level await: the command line imports this module, which must have finished loading.
+  import("./lib/client_cli.ts").then(async ({ main }) => Deno.exit(await main(Deno.args)));
 }

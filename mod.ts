@@ -21,6 +21,27 @@
  * @module
  */
 
+export {
+  type HeldLock,
+  LockClient,
+  type LockClientOptions,
+  type LockContext,
+  type LockOptions,
+  type RequestOptions,
+} from "./client.ts";
+export {
+  ConnectionLostError,
+  InvalidClientIdError,
+  InvalidLockNameError,
+  isRetriableError,
+  LockExpiredError,
+  LockNotGrantedError,
+  LockTimeoutError,
+  ProtocolError,
+  ServerError,
+  ServerUnreachableError,
+  TcpNetLockError,
+} from "./lib/errors.ts";
 export { ListenError, type LockServer, type ServerOptions, startServer } from "./lib/server.ts";
 export type { EndReason, TableEvent } from "./lib/lock_table.ts";
 export {

@@ -24,7 +24,7 @@ export interface TcpNetLockErrorOptions extends ErrorOptions {
  *
  * @example Tell tcpnetlock errors from others
  * ```ts
- * import { LockClient, TcpNetLockError } from "./client.ts";
+ * import { LockClient, TcpNetLockError } from "@x/tcpnetlock/client";
  * try {
  *   await new LockClient({ port: 1 }).ping();
  * } catch (e) {
@@ -39,6 +39,8 @@ export class TcpNetLockError extends Error {
   readonly lockName: string | undefined;
 
   /**
+   * Makes an error with a message and the facts about it.
+   *
    * @param message the full message, sentence case, no trailing period
    * @param options the server, the lock and the cause
    */
@@ -56,7 +58,7 @@ export class TcpNetLockError extends Error {
  *
  * @example
  * ```ts
- * import { LockClient, ServerUnreachableError } from "./client.ts";
+ * import { LockClient, ServerUnreachableError } from "@x/tcpnetlock/client";
  * try {
  *   await new LockClient({ port: 1 }).ping();
  * } catch (e) {
@@ -69,6 +71,8 @@ export class ServerUnreachableError extends TcpNetLockError {
   readonly refused: boolean;
 
   /**
+   * Makes the error for an unreachable server.
+   *
    * @param server the server as `host:port`
    * @param what why, e.g. `connection refused`
    * @param options `refused` and the underlying error as `cause`
@@ -89,7 +93,7 @@ export class ServerUnreachableError extends TcpNetLockError {
  *
  * @example
  * ```ts
- * import { ConnectionLostError, LockClient } from "./client.ts";
+ * import { ConnectionLostError, LockClient } from "@x/tcpnetlock/client";
  * const lock = await new LockClient().lock("db");
  * lock.signal.addEventListener("abort", () => {
  *   if (lock.signal.reason instanceof ConnectionLostError) console.error("server went away");
@@ -105,7 +109,7 @@ export class ConnectionLostError extends TcpNetLockError {}
  *
  * @example
  * ```ts
- * import { ProtocolError } from "./client.ts";
+ * import { ProtocolError } from "@x/tcpnetlock/client";
  * const e = new ProtocolError('Unexpected reply "hello" from "localhost:7654"', "hello");
  * console.log(e.line); // hello
  * ```
@@ -115,6 +119,8 @@ export class ProtocolError extends TcpNetLockError {
   readonly line: string | undefined;
 
   /**
+   * Makes the error for an unexpected reply.
+   *
    * @param message the full message
    * @param line the offending line
    * @param options the server, the lock and the cause
@@ -130,7 +136,7 @@ export class ProtocolError extends TcpNetLockError {
  *
  * @example
  * ```ts
- * import { LockClient, LockNotGrantedError } from "./client.ts";
+ * import { LockClient, LockNotGrantedError } from "@x/tcpnetlock/client";
  * try {
  *   await using lock = await new LockClient().lock("nightly-report");
  *   // ... the work
@@ -147,7 +153,7 @@ export class LockNotGrantedError extends TcpNetLockError {}
  *
  * @example
  * ```ts
- * import { LockClient, LockTimeoutError } from "./client.ts";
+ * import { LockClient, LockTimeoutError } from "@x/tcpnetlock/client";
  * try {
  *   await using lock = await new LockClient().lock("db", { wait: 5 });
  * } catch (e) {
@@ -163,7 +169,7 @@ export class LockTimeoutError extends TcpNetLockError {}
  *
  * @example
  * ```ts
- * import { LockClient, LockExpiredError } from "./client.ts";
+ * import { LockClient, LockExpiredError } from "@x/tcpnetlock/client";
  * const lock = await new LockClient().lock("db", { ttl: 10 });
  * lock.signal.addEventListener("abort", () => {
  *   if (lock.signal.reason instanceof LockExpiredError) console.error("lease ran out");
@@ -178,7 +184,7 @@ export class LockExpiredError extends TcpNetLockError {}
  *
  * @example
  * ```ts
- * import { LockClient, ServerError } from "./client.ts";
+ * import { LockClient, ServerError } from "@x/tcpnetlock/client";
  * try {
  *   await new LockClient().stats();
  * } catch (e) {
@@ -191,6 +197,8 @@ export class ServerError extends TcpNetLockError {
   readonly reason: string;
 
   /**
+   * Makes the error for an `err,REASON` reply.
+   *
    * @param message the full message
    * @param reason the text after `err,`
    * @param options the server and the lock
@@ -207,7 +215,7 @@ export class ServerError extends TcpNetLockError {
  *
  * @example
  * ```ts
- * import { InvalidLockNameError, LockClient } from "./client.ts";
+ * import { InvalidLockNameError, LockClient } from "@x/tcpnetlock/client";
  * try {
  *   await new LockClient().lock("my lock");
  * } catch (e) {
@@ -217,11 +225,13 @@ export class ServerError extends TcpNetLockError {
  */
 export class InvalidLockNameError extends TcpNetLockError {
   /**
+   * Makes the error for a bad lock name.
+   *
    * @param name the rejected name
    */
   constructor(name: string) {
     super(
-      `Invalid lock name "${name}": use 1 to 255 letters, digits, "_" and "-"`,
+      `Invalid lock name "${shorten(name)}": use 1 to 255 letters, digits, "_" and "-"`,
       { lockName: name },
     );
   }
@@ -233,7 +243,7 @@ export class InvalidLockNameError extends TcpNetLockError {
  *
  * @example
  * ```ts
- * import { InvalidClientIdError, LockClient } from "./client.ts";
+ * import { InvalidClientIdError, LockClient } from "@x/tcpnetlock/client";
  * try {
  *   new LockClient({ clientId: "web 1" });
  * } catch (e) {
@@ -246,14 +256,23 @@ export class InvalidClientIdError extends TcpNetLockError {
   readonly clientId: string;
 
   /**
+   * Makes the error for a bad client id.
+   *
    * @param clientId the rejected client id
    */
   constructor(clientId: string) {
     super(
-      `Invalid client id "${clientId}": use 1 to 255 letters, digits, ".", "@", "_" and "-"`,
+      `Invalid client id "${
+        shorten(clientId)
+      }": use 1 to 255 letters, digits, ".", "@", "_" and "-"`,
     );
     this.clientId = clientId;
   }
+}
+
+/** A value for a message: long ones are cut, the full value stays in the error's fields. */
+function shorten(value: string): string {
+  return value.length <= 80 ? value : `${value.slice(0, 77)}...`;
 }
 
 const RETRIABLE_REASONS: ReadonlySet<string> = new Set([
@@ -271,7 +290,7 @@ const RETRIABLE_REASONS: ReadonlySet<string> = new Set([
  *
  * @example Retry with back-off
  * ```ts
- * import { isRetriableError, LockClient } from "./client.ts";
+ * import { isRetriableError, LockClient } from "@x/tcpnetlock/client";
  * const client = new LockClient();
  * for (let attempt = 1; ; attempt++) {
  *   try {

@@ -1,0 +1,351 @@
+/**
+ * The command line of client.ts, run as a subprocess against a real in-process server.
+ */
+
+import assert from "node:assert/strict";
+import { LockClient } from "../client.ts";
+import { ROOT, startTestServer, until } from "./test_util.ts";
+
+const CLIENT = `${ROOT}client.ts`;
+
+/** The environment of a CLI run: no TCPNETLOCK_* from the outside unless given. */
+function env(vars: Record<string, string> = {}): Record<string, string> {
+  return {
+    TCPNETLOCK_HOST: "",
+    TCPNETLOCK_PORT: "",
+    TCPNETLOCK_CLIENT_ID: "",
+    TCPNETLOCK_AUTH_TOKEN: "",
+    NO_COLOR: "1",
+    ...vars,
+  };
+}
+
+interface Output {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs the CLI to its end. */
+async function cli(args: string[], vars: Record<string, string> = {}): Promise<Output> {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", CLIENT, ...args],
+    env: env(vars),
+    stdin: "null",
+  }).output();
+  const text = new TextDecoder();
+  return { code: out.code, stdout: text.decode(out.stdout), stderr: text.decode(out.stderr) };
+}
+
+/** A CLI process that runs on (`hold`), with its output read as it comes. */
+class Running implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  stdout = "";
+  stderr = "";
+  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
+  readonly #pumps: Promise<unknown>;
+  readonly #status: Promise<Deno.CommandStatus>;
+
+  constructor(args: string[], vars: Record<string, string> = {}) {
+    this.child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", CLIENT, ...args],
+      env: env(vars),
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#status = this.child.status;
+    this.#pumps = Promise.all([
+      this.#pump(this.child.stdout, (t) => this.stdout += t),
+      this.#pump(this.child.stderr, (t) => this.stderr += t),
+    ]);
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+      add(text);
+      for (const w of [...this.#waiters]) {
+        if (w.test()) {
+          this.#waiters.splice(this.#waiters.indexOf(w), 1);
+          w.resolve();
+        }
+      }
+    }
+  }
+
+  /** Resolves once `test` holds on the output; rejects if the process ends first. */
+  async until(test: (self: Running) => boolean, what: string): Promise<void> {
+    if (test(this)) return;
+    const seen = Promise.withResolvers<void>();
+    this.#waiters.push({ test: () => test(this), resolve: seen.resolve });
+    const ended = this.#status.then(() => this.#pumps).then(() => {
+      if (!test(this)) {
+        throw new Error(
+          `the client ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
+        );
+      }
+    });
+    await Promise.race([seen.promise, ended]);
+  }
+
+  /** Waits for the exit and the end of the output. */
+  async output(): Promise<Output> {
+    const status = await this.#status;
+    await this.#pumps;
+    return { code: status.code, stdout: this.stdout, stderr: this.stderr };
+  }
+
+  kill(signal: Deno.Signal): void {
+    this.child.kill(signal);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already ended
+    }
+    await this.output();
+  }
+}
+
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = listener.addr.port;
+  listener.close();
+  return port;
+}
+
+const granted = (r: Running) => r.stdout.startsWith("granted\n");
+
+// ---------------------------------------------------------------------------------------------
+// Admin commands
+
+Deno.test("cli: ping prints pong and exits 0", async () => {
+  await using srv = await startTestServer();
+  const out = await cli(["--host", "127.0.0.1", "--port", String(srv.port), "ping"]);
+  assert.deepEqual(out, { code: 0, stdout: "pong\n", stderr: "" });
+});
+
+Deno.test("cli: stats prints the server's counters as JSON", async () => {
+  await using srv = await startTestServer();
+  await using _lock = await new LockClient({ host: "127.0.0.1", port: srv.port }).lock("db");
+  const out = await cli(["--port", String(srv.port), "--host", "127.0.0.1", "stats"]);
+  assert.equal(out.code, 0, out.stderr);
+  const stats = JSON.parse(out.stdout);
+  assert.equal(stats.lock_count, 1);
+  assert.equal(typeof stats.version, "string");
+});
+
+Deno.test("cli: locks prints JSON with --json or off a terminal, a table with --table", async () => {
+  await using srv = await startTestServer();
+  const client = new LockClient({ host: "127.0.0.1", port: srv.port, clientId: "web-1" });
+  await using lock = await client.lock("db", { wait: 0 });
+  const base = ["--host", "127.0.0.1", "--port", String(srv.port), "locks"];
+  for (const args of [[...base, "--json"], base]) {
+    const out = await cli(args);
+    assert.equal(out.code, 0, out.stderr);
+    const [info] = JSON.parse(out.stdout);
+    assert.equal(info.name, "db");
+    assert.equal(info.holders[0].client_id, "web-1");
+    assert.equal(info.holders[0].token, lock.token);
+  }
+  const table = await cli([...base, "--table"]);
+  assert.equal(table.code, 0, table.stderr);
+  const [header, row] = table.stdout.trimEnd().split("\n");
+  assert.match(header, /^NAME\s+LIMIT\s+WAITING\s+CLIENT ID\s+TOKEN\s+SINCE\s+REMOTE$/);
+  assert.match(
+    row,
+    new RegExp(`^db\\s+1\\s+0\\s+web-1\\s+${lock.token}\\s+\\S+Z\\s+127\\.0\\.0\\.1:`),
+  );
+});
+
+Deno.test("cli: shutdown stops the server", async () => {
+  const srv = await startTestServer();
+  const out = await cli(["--host", "127.0.0.1", "--port", String(srv.port), "shutdown"]);
+  assert.deepEqual(out, { code: 0, stdout: "shutting-down\n", stderr: "" });
+  await srv.server.finished;
+  await srv.server.close();
+});
+
+// ---------------------------------------------------------------------------------------------
+// hold
+
+Deno.test("cli: hold prints granted, holds until SIGTERM, then releases and exits 0", async () => {
+  await using srv = await startTestServer();
+  await using hold = new Running([
+    "--host",
+    "127.0.0.1",
+    "--port",
+    String(srv.port),
+    "--client-id",
+    "cli-1",
+    "hold",
+    "db",
+  ]);
+  await hold.until(granted, "granted");
+  assert.equal(hold.stdout, "granted\n", "a version 1 request has no token line");
+  assert.deepEqual(srv.server.locks().map((l) => [l.name, l.holders[0].client_id]), [
+    ["db", "cli-1"],
+  ]);
+  hold.kill("SIGTERM");
+  const out = await hold.output();
+  assert.equal(out.code, 0, out.stderr);
+  assert.deepEqual(srv.server.locks(), []);
+  assert.equal(srv.server.stats().lock_expired_count, 0);
+});
+
+Deno.test("cli: hold with --wait and --ttl prints the token and keeps the lease alive", async () => {
+  await using srv = await startTestServer();
+  await using hold = new Running([
+    "--host",
+    "127.0.0.1",
+    "--port",
+    String(srv.port),
+    "hold",
+    "db",
+    "--wait",
+    "5",
+    "--ttl",
+    "0.5",
+  ]);
+  await hold.until((r) => /^granted\ntoken:\d+\n$/.test(r.stdout), "the token line");
+  const token = Number(/token:(\d+)/.exec(hold.stdout)![1]);
+  assert.equal(srv.server.locks()[0].holders[0].token, token);
+  await new Promise((resolve) => setTimeout(resolve, 1600)); // more than three ttls
+  assert.equal(srv.server.locks()[0]?.holders[0].token, token, "still held");
+  hold.kill("SIGINT");
+  const out = await hold.output();
+  assert.equal(out.code, 0, out.stderr);
+  assert.deepEqual(srv.server.locks(), []);
+  assert.equal(srv.server.stats().lock_expired_count, 0);
+});
+
+Deno.test("cli: hold exits 123 when the lock is held elsewhere or the wait runs out", async () => {
+  await using srv = await startTestServer();
+  await using _lock = await new LockClient({ host: "127.0.0.1", port: srv.port }).lock("db");
+  const base = ["--host", "127.0.0.1", "--port", String(srv.port), "hold", "db"];
+  const now = await cli(base);
+  assert.equal(now.code, 123);
+  assert.equal(now.stdout, "");
+  assert.match(now.stderr, /Cannot acquire lock "db" on "127\.0\.0\.1:\d+": not granted/);
+  const waited = await cli([...base, "--wait", "0.1"]);
+  assert.equal(waited.code, 123);
+  assert.match(waited.stderr, /position 1 in the queue/);
+  assert.match(waited.stderr, /the wait of 0\.1 s ran out/);
+});
+
+Deno.test("cli: hold exits 122 when the server stops while the lock is held", async () => {
+  const srv = await startTestServer();
+  await using hold = new Running(["--host", "127.0.0.1", "--port", String(srv.port), "hold", "db"]);
+  await hold.until(granted, "granted");
+  await srv.server.close();
+  const out = await hold.output();
+  assert.equal(out.code, 122);
+  assert.match(
+    out.stderr,
+    /Lost lock "db" on "127\.0\.0\.1:\d+": the server closed the connection/,
+  );
+});
+
+Deno.test("cli: hold gives up on SIGINT while waiting in the queue, exit 130", async () => {
+  await using srv = await startTestServer();
+  await using _lock = await new LockClient({ host: "127.0.0.1", port: srv.port }).lock("db");
+  await using hold = new Running([
+    "--host",
+    "127.0.0.1",
+    "--port",
+    String(srv.port),
+    "hold",
+    "db",
+    "--wait",
+    "60",
+  ]);
+  await hold.until((r) => r.stderr.includes("position 1 in the queue"), "queued");
+  hold.kill("SIGINT");
+  const out = await hold.output();
+  assert.equal(out.code, 130);
+  assert.equal(out.stdout, "");
+  await until(() => srv.server.locks()[0].waiting === 0, "the waiter to leave the queue");
+});
+
+Deno.test("cli: the connection refused exits 2", async () => {
+  const port = String(freePort());
+  for (const command of [["hold", "db"], ["ping"], ["stats"], ["locks"], ["shutdown"]]) {
+    const out = await cli(["--host", "127.0.0.1", "--port", port, ...command]);
+    assert.equal(out.code, 2, command.join(" "));
+    assert.equal(
+      out.stderr,
+      `error: Cannot connect to tcpnetlock server "127.0.0.1:${port}": connection refused\n`,
+    );
+  }
+});
+
+Deno.test("cli: bad usage prints the usage on stderr and exits 2", async () => {
+  for (
+    const args of [
+      [],
+      ["bogus"],
+      ["hold"],
+      ["hold", "a", "b"],
+      ["ping", "--wait", "1"],
+      ["--nope", "ping"],
+      ["--port", "http", "ping"],
+      ["hold", "db", "--wait", "soon"],
+      ["hold", "db", "--ttl", "0"],
+      ["hold", "db", "--limit", "0"],
+      ["hold", "bad name"],
+      ["--client-id", "bad id", "ping"],
+      ["--auth-token-file", "/nonexistent/token", "ping"],
+    ]
+  ) {
+    const out = await cli(args);
+    assert.equal(out.code, 2, `${args.join(" ")}: ${out.stderr}`);
+    assert.equal(out.stdout, "");
+    assert.match(out.stderr, /^error: /, args.join(" "));
+  }
+  const out = await cli(["hold"]);
+  assert.match(out.stderr, /Usage: deno run -A client\.ts/);
+});
+
+Deno.test("cli: --help prints the usage and exits 0", async () => {
+  const out = await cli(["--help"]);
+  assert.equal(out.code, 0);
+  assert.match(out.stdout, /^Usage: /);
+  assert.match(out.stdout, /hold NAME/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Environment and auth
+
+Deno.test("cli: TCPNETLOCK_HOST, TCPNETLOCK_PORT and TCPNETLOCK_CLIENT_ID are the defaults", async () => {
+  await using srv = await startTestServer();
+  await using hold = new Running(["hold", "db"], {
+    TCPNETLOCK_HOST: "127.0.0.1",
+    TCPNETLOCK_PORT: String(srv.port),
+    TCPNETLOCK_CLIENT_ID: "from-env",
+  });
+  await hold.until(granted, "granted");
+  assert.equal(srv.server.locks()[0].holders[0].client_id, "from-env");
+  hold.kill("SIGTERM");
+  assert.equal((await hold.output()).code, 0);
+});
+
+Deno.test("cli: --auth-token-file and TCPNETLOCK_AUTH_TOKEN authenticate; without, exit 4", async () => {
+  await using srv = await startTestServer({ authToken: "s3cret" });
+  const base = ["--host", "127.0.0.1", "--port", String(srv.port)];
+  const denied = await cli([...base, "stats"]);
+  assert.equal(denied.code, 4);
+  assert.match(denied.stderr, /the server answered "unauthorized"/);
+
+  const file = await Deno.makeTempFile();
+  try {
+    await Deno.writeTextFile(file, "s3cret\n");
+    const out = await cli([...base, "--auth-token-file", file, "stats"]);
+    assert.equal(out.code, 0, out.stderr);
+  } finally {
+    await Deno.remove(file);
+  }
+  const out = await cli([...base, "stats"], { TCPNETLOCK_AUTH_TOKEN: "s3cret" });
+  assert.equal(out.code, 0, out.stderr);
+});
