@@ -4,7 +4,8 @@
  * A line is the bytes before a `\n`. It may be at most `maxLine` bytes long (a `\r` before the
  * `\n` counts, and is then dropped); the reader never holds more than `maxLine + 1` bytes, so a
  * peer that sends megabytes without a newline costs one small buffer. A partial line at the end
- * of the stream is dropped. Lines must be valid UTF-8.
+ * of the stream is dropped. Lines must be valid UTF-8. The buffer starts at 256 bytes and grows
+ * only as far as a line needs.
  *
  * Used by the server and by the client; no third-party dependency.
  *
@@ -27,6 +28,9 @@ export interface ByteReader {
 const decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const NL = 0x0a;
 const CR = 0x0d;
+
+/** The first buffer size; it doubles as needed up to `maxLine + 1`. */
+const INITIAL_BUFFER = 256;
 
 const EOF: LineResult = { kind: "eof" };
 const TOO_LONG: LineResult = { kind: "too-long" };
@@ -60,7 +64,9 @@ export class LineReader {
   constructor(src: ByteReader, maxLine: number) {
     this.#src = src;
     this.#maxLine = maxLine;
-    this.#buf = new Uint8Array(maxLine + 1);
+    // Start small (most lines are short, and a held connection keeps its buffer while it waits
+    // for the next line) and grow up to the bound when a longer line comes.
+    this.#buf = new Uint8Array(Math.min(maxLine + 1, INITIAL_BUFFER));
   }
 
   /** Bytes received but not yet returned as lines. */
@@ -105,6 +111,11 @@ export class LineReader {
         this.#end -= this.#start;
         this.#scanned -= this.#start;
         this.#start = 0;
+      }
+      if (this.#end === this.#buf.length) {
+        const bigger = new Uint8Array(Math.min(this.#maxLine + 1, this.#buf.length * 2));
+        bigger.set(this.#buf.subarray(0, this.#end));
+        this.#buf = bigger;
       }
       const n = await this.#src.read(this.#buf.subarray(this.#end));
       if (n === null) {
