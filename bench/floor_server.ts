@@ -14,6 +14,9 @@
  * deno run -A bench/floor_server.ts --port 0   # prints "listening on 127.0.0.1:PORT" on stderr
  * ```
  *
+ * It also accepts (and ignores) `--info` and the `--max-*` limits of `server.ts`, so that it can
+ * stand in for the real server: `deno task bench --server bench/floor_server.ts`.
+ *
  * @module
  */
 
@@ -109,6 +112,9 @@ async function serve(conn: Deno.Conn): Promise<void> {
   }
 }
 
+// Flags of server.ts that the floor accepts and ignores, so it can stand in for it.
+const IGNORED_WITH_VALUE = ["--max-connections", "--max-locks", "--max-waiters"];
+
 /** Runs the floor server until the process is killed. */
 export async function main(args: string[]): Promise<void> {
   let port = 7654;
@@ -117,6 +123,8 @@ export async function main(args: string[]): Promise<void> {
     const arg = args[i];
     if (arg === "--port") port = Number(args[++i]);
     else if (arg === "--listen" || arg === "--host") hostname = args[++i];
+    else if (IGNORED_WITH_VALUE.includes(arg)) i++;
+    else if (arg === "--info") continue;
     else if (arg === "--help" || arg === "-h") {
       console.log("Usage: deno run -A bench/floor_server.ts [--listen HOST] [--port PORT]");
       return;

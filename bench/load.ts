@@ -7,8 +7,9 @@
  * - `cycles`: lock+release cycles, one TCP connection per lock (connect, `lock,name:X`, `ok`,
  *   `release`, `released`, EOF), N concurrent clients on distinct names: rate and latency.
  * - `handover`: N clients on a few names with `wait:30`: the hand-over rate and the delay from a
- *   holder's sending `release` to the next waiter of that name receiving `ok,...`. Checks the
- *   queue positions and the fencing token order while it runs (unless told it is the floor).
+ *   holder's sending `release` to the next waiter of that name receiving `ok,...`. Checks mutual
+ *   exclusion, the queue positions and the fencing token order while it runs (unless told it is
+ *   the floor, which grants everything at once).
  * - `held`: many locks held at once: the server's memory per held lock (VmRSS), its CPU while
  *   idle, `.ping` latency while they are held, and the time to release them all.
  *
@@ -210,7 +211,7 @@ export interface Slot {
 /** Closes the connection of any operation past its deadline; one timer for all of them. */
 export class Watchdog {
   #slots = new Set<Slot>();
-  #timer: number;
+  #timer: ReturnType<typeof setInterval>;
 
   constructor(intervalMs = 100) {
     this.#timer = setInterval(() => this.#check(), intervalMs);
@@ -255,7 +256,7 @@ export function sleep(ms: number): Promise<void> {
  * always cleared.
  */
 export async function within(promise: Promise<unknown>, ms: number): Promise<boolean> {
-  let timer: number | undefined;
+  let timer: ReturnType<typeof setTimeout> | undefined;
   const late = new Promise<false>((resolve) => {
     timer = setTimeout(() => resolve(false), ms);
   });
@@ -402,7 +403,7 @@ export interface HandoverOptions {
   /** One operation later than this is a timeout (the wait for a grant counts as one). */
   timeoutMs?: number;
   /**
-   * Check the fencing token order and the queue positions (default true). The
+   * Check mutual exclusion, the fencing token order and the queue positions (default true). The
    * floor server grants every request at once, so it is run with this off.
    */
   checkLocking?: boolean;
@@ -420,6 +421,8 @@ export interface HandoverResult {
   grants: number;
   /** Grants that went to a client that had been queued (true hand-overs). */
   handovers: number;
+  /** `queued,position:P` lines received per grant (the server sends one per position change). */
+  queuedPerGrant: number;
   /** The measured window, in seconds. */
   seconds: number;
   /** Grants per second. */
@@ -435,6 +438,9 @@ export interface HandoverResult {
 interface NameState {
   lastToken: number;
   releasedAt: number;
+  /** Grants received and releases sent (or holding connections closed), for the exclusion check. */
+  grants: number;
+  releases: number;
 }
 
 /**
@@ -458,7 +464,7 @@ export async function runHandover(
   const watchdog = new Watchdog();
   const state: NameState[] = Array.from(
     { length: names },
-    () => ({ lastToken: 0, releasedAt: -1 }),
+    () => ({ lastToken: 0, releasedAt: -1, grants: 0, releases: 0 }),
   );
   const start = performance.now();
   const measureFrom = start + warmupMs;
@@ -466,6 +472,8 @@ export async function runHandover(
   let stop = false;
   let grants = 0;
   let handovers = 0;
+  let queuedLines = 0;
+  let allGrants = 0;
 
   async function worker(i: number): Promise<void> {
     const n = i % names;
@@ -473,6 +481,7 @@ export async function runHandover(
     const lockBytes = encoder.encode(`lock,name:${prefix}-${n},wait:${wait}\n`);
     const slot = watchdog.slot();
     const lines = slot.lines;
+    let holding = false;
     while (!stop) {
       const t0 = performance.now();
       if (t0 >= stopAt) break;
@@ -497,6 +506,7 @@ export async function runHandover(
           }
           position = p;
           queued = true;
+          queuedLines++;
         }
         if (reply === null || !reply.startsWith("ok,token:")) {
           throw new UnexpectedReply('"ok,token:T"', reply);
@@ -506,14 +516,22 @@ export async function runHandover(
         if (!Number.isSafeInteger(token) || token < 1) {
           errors.add("unexpected-reply", `bad token in ${JSON.stringify(reply)}`);
         }
+        st.grants++;
+        holding = true;
         if (check) {
-          // Grants of one name are received in grant order (the next grant needs this one's
-          // release), so their tokens must increase.
+          // Every grant but the first needs a release the server has seen, which this process
+          // sent earlier: grants received can never run more than one ahead of releases sent.
+          const holders = st.grants - st.releases;
+          if (holders > 1) {
+            errors.add("exclusion", `${prefix}-${n} granted with ${holders - 1} holder(s) before`);
+          }
+          // Grants of one name are received in grant order, so their tokens must increase.
           if (token <= st.lastToken) {
             errors.add("token-order", `token ${token} after ${st.lastToken} on ${prefix}-${n}`);
           }
           st.lastToken = token;
         }
+        allGrants++;
         const measured = sent >= measureFrom && now <= stopAt;
         if (measured) {
           if (queued && st.releasedAt >= 0) {
@@ -523,7 +541,13 @@ export async function runHandover(
           grantTimes.push(now - sent);
           if (++grants >= maxGrants) stop = true;
         }
-        // Release at once: the hold time is zero, so the rate is the hand-over rate.
+        // Release at once, the hold time is (nearly) zero: the rate is the hand-over rate. With
+        // the checks on, first let the other replies that arrived with this one be read (a second
+        // grant the server sent at the same moment, a double grant) before this release counts.
+        // A timer would cost a millisecond; a few microtask turns cost nothing.
+        if (check) { for (let k = 0; k < 16; k++) await undefined; }
+        st.releases++;
+        holding = false;
         st.releasedAt = performance.now();
         await lines.write(RELEASE);
         await lines.expect("released");
@@ -534,6 +558,11 @@ export async function runHandover(
       } finally {
         slot.deadline = Infinity;
         lines.close();
+        if (holding) {
+          // Closing a holding connection frees the lock too.
+          st.releases++;
+          holding = false;
+        }
       }
     }
   }
@@ -549,6 +578,7 @@ export async function runHandover(
     names,
     grants,
     handovers,
+    queuedPerGrant: allGrants ? round3(queuedLines / allGrants) : 0,
     seconds: round3(seconds),
     rate: Math.round(grants / seconds),
     delay: latency(delays),

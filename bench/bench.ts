@@ -1,0 +1,1241 @@
+#!/usr/bin/env -S deno run -A
+/**
+ * The tcpnetlock benchmark: runs every scenario against our server (`server.ts`) and against the
+ * floor server (`bench/floor_server.ts`, the same protocol with no bookkeeping) in the same run,
+ * each as a subprocess on 127.0.0.1 and port 0, prints a table (scenario, ours, floor, ratio,
+ * target, met) and writes the figures as JSON to `bench/results/latest.json`.
+ *
+ * ```sh
+ * deno task bench                  # every scenario once, well under two minutes
+ * deno task bench --runs 3         # medians of three runs (what the README reports)
+ * deno task bench --quick          # tiny counts: checks that it all works, figures mean little
+ * deno task bench --only held      # one scenario (or several: --only cycles,handover)
+ * ```
+ *
+ * Scenarios: `cycles` (lock+release per second and latency at 1, 16 and 64 clients), `handover`
+ * (64 clients on 4 names with `wait:30`), `held` (15,000 locks held at once: memory, idle CPU,
+ * `.ping` latency, release time), `ready` (process start to the first `pong`) and `do` (what
+ * `deno run -A do.ts -- true` takes beyond an empty `deno run`).
+ *
+ * Exit status: 0 when every scenario ran without a single error (targets met or not), 1 when any
+ * error was counted, 2 on bad flags.
+ *
+ * @module
+ */
+
+import {
+  type CyclesResult,
+  type HandoverResult,
+  type HeldResult,
+  type Latency,
+  latency,
+  LineConn,
+  runCycles,
+  runHandover,
+  runHeld,
+  sleep,
+  type Target,
+} from "./load.ts";
+
+const ROOT = new URL("..", import.meta.url).pathname;
+const FLOOR_SCRIPT = "bench/floor_server.ts";
+const NOOP_SCRIPT = "bench/noop.ts";
+const DEFAULT_OUT = "bench/results/latest.json";
+const LIMIT_FLAGS = [
+  "--max-connections",
+  "100000",
+  "--max-locks",
+  "100000",
+  "--max-waiters",
+  "100000",
+];
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do"] as const;
+type Scenario = typeof SCENARIOS[number];
+const LETTERS: Record<string, Scenario> = {
+  a: "cycles",
+  b: "handover",
+  c: "held",
+  d: "ready",
+  e: "do",
+};
+const REEXEC_ENV = "TCPNETLOCK_BENCH_REEXEC";
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** The sizes of one run; `--quick` shrinks them all. */
+interface Sizes {
+  cycleLevels: number[];
+  cycleMs: number;
+  cycleWarmupMs: number;
+  handoverClients: number;
+  handoverNames: number;
+  handoverMs: number;
+  handoverWarmupMs: number;
+  held: number;
+  heldSettleMs: number;
+  heldIdleMs: number;
+  heldPings: number;
+  heldWarmupPings: number;
+  readyReps: number;
+  doReps: number;
+}
+
+const FULL: Sizes = {
+  cycleLevels: [1, 16, 64],
+  cycleMs: 2000,
+  cycleWarmupMs: 300,
+  handoverClients: 64,
+  handoverNames: 4,
+  handoverMs: 3000,
+  handoverWarmupMs: 300,
+  held: 15000,
+  heldSettleMs: 1000,
+  heldIdleMs: 3000,
+  heldPings: 500,
+  heldWarmupPings: 200,
+  readyReps: 5,
+  doReps: 5,
+};
+
+const QUICK: Sizes = {
+  cycleLevels: [1, 16, 64],
+  cycleMs: 250,
+  cycleWarmupMs: 50,
+  handoverClients: 64,
+  handoverNames: 4,
+  handoverMs: 300,
+  handoverWarmupMs: 50,
+  held: 300,
+  heldSettleMs: 100,
+  heldIdleMs: 300,
+  heldPings: 20,
+  heldWarmupPings: 10,
+  readyReps: 1,
+  doReps: 1,
+};
+
+/** Parsed command line. */
+interface Options {
+  runs: number;
+  quick: boolean;
+  only: Scenario[];
+  out: string;
+  server: string;
+  noFloor: boolean;
+}
+
+function usage(): string {
+  return `Usage: deno run -A bench/bench.ts [options]
+
+Runs the tcpnetlock benchmark against server.ts and the floor server, prints a table and
+writes JSON to ${DEFAULT_OUT}.
+
+Options:
+  --runs N           run everything N times and report medians (default 1)
+  --quick            tiny counts, for tests (figures mean little)
+  --only LIST        scenarios to run, comma separated: ${SCENARIOS.join(", ")} (or a-e)
+  --out FILE         where to write the JSON (default ${DEFAULT_OUT})
+  --server FILE      the server under test (default server.ts)
+  --no-floor         do not run the floor server
+  -h, --help         this text`;
+}
+
+function parseArgs(args: string[]): Options | string {
+  const opts: Options = {
+    runs: 1,
+    quick: false,
+    only: [...SCENARIOS],
+    out: DEFAULT_OUT,
+    server: "server.ts",
+    noFloor: false,
+  };
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const [flag, inline] = arg.includes("=") ? arg.split(/=(.*)/s, 2) : [arg, undefined];
+    const value = () => inline ?? args[++i];
+    switch (flag) {
+      case "--runs": {
+        const v = value();
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1 || n > 20) return `Invalid --runs "${v}"`;
+        opts.runs = n;
+        break;
+      }
+      case "--quick":
+        opts.quick = true;
+        break;
+      case "--only": {
+        const v = value() ?? "";
+        const list: Scenario[] = [];
+        for (const part of v.split(",").map((s) => s.trim()).filter(Boolean)) {
+          const name = LETTERS[part] ?? part;
+          if (!(SCENARIOS as readonly string[]).includes(name)) return `Unknown scenario "${part}"`;
+          list.push(name as Scenario);
+        }
+        if (list.length === 0) return `Invalid --only "${v}"`;
+        opts.only = list;
+        break;
+      }
+      case "--out":
+        opts.out = value();
+        break;
+      case "--server":
+        opts.server = value();
+        break;
+      case "--no-floor":
+        opts.noFloor = true;
+        break;
+      default:
+        return `Unknown flag "${arg}"`;
+    }
+  }
+  return opts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// File descriptors
+
+/** The soft and hard limits on open files of this process. */
+function fdLimits(): { soft: number; hard: number } | null {
+  try {
+    const text = Deno.readTextFileSync("/proc/self/limits");
+    const m = text.match(/^Max open files\s+(\S+)\s+(\S+)/m);
+    if (!m) return null;
+    const num = (s: string) => s === "unlimited" ? Infinity : Number(s);
+    return { soft: num(m[1]), hard: num(m[2]) };
+  } catch {
+    return null;
+  }
+}
+
+/** Re-runs this program under `ulimit -n 65536` (or the hard limit); returns its exit code. */
+async function reexecWithMoreFds(): Promise<number> {
+  const script = 'ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"';
+  const child = new Deno.Command("bash", {
+    args: [
+      "-c",
+      script,
+      "bash",
+      Deno.execPath(),
+      "run",
+      "-A",
+      new URL(import.meta.url).pathname,
+      ...Deno.args,
+    ],
+    env: { [REEXEC_ENV]: "1" },
+    stdin: "inherit",
+    stdout: "inherit",
+    stderr: "inherit",
+  }).spawn();
+  return (await child.status).code;
+}
+
+/** CPU ticks of the whole machine, busy and total, from /proc/stat (null elsewhere). */
+function cpuTicks(): { busy: number; total: number } | null {
+  try {
+    const first = Deno.readTextFileSync("/proc/stat").split("\n", 1)[0];
+    const v = first.trim().split(/\s+/).slice(1).map(Number);
+    const total = v.reduce((a, b) => a + b, 0);
+    return { busy: total - v[3] - (v[4] ?? 0), total };
+  } catch {
+    return null;
+  }
+}
+
+/** How busy the machine is (0 to 1, all CPUs) over `ms` while this process sleeps. */
+async function machineBusy(ms: number): Promise<number | null> {
+  const a = cpuTicks();
+  await sleep(ms);
+  const b = cpuTicks();
+  if (a === null || b === null || b.total === a.total) return null;
+  return Math.round((b.busy - a.busy) / (b.total - a.total) * 100) / 100;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server subprocesses
+
+/** Where server logs go; made once, removed at the end. */
+let logDir: string | undefined;
+
+/**
+ * A server running as a subprocess. Its stdout and stderr go to a file, not to a pipe: with
+ * `--info` the server logs every lock event with a synchronous write, and a pipe that this
+ * (busy) process had to drain would stall the server whenever the load generator kept it from
+ * reading. A file takes the writes at once, like a log collector that keeps up.
+ */
+class ServerProcess {
+  readonly child: Deno.ChildProcess;
+  readonly pid: number;
+  /** The server's log, or null when its output is dropped. */
+  readonly logFile: string | null;
+  port = 0;
+  #exited = false;
+
+  constructor(args: string[], logFile: string | null) {
+    this.logFile = logFile;
+    // `exec` keeps the process id: it is the server's, for /proc and for signals.
+    this.child = logFile === null
+      ? new Deno.Command(Deno.execPath(), {
+        args,
+        cwd: ROOT,
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn()
+      : new Deno.Command("bash", {
+        args: [
+          "-c",
+          'log="$1"; shift; exec "$@" >"$log" 2>&1',
+          "bash",
+          logFile,
+          Deno.execPath(),
+          ...args,
+        ],
+        cwd: ROOT,
+        stdin: "null",
+        stdout: "null",
+        stderr: "null",
+      }).spawn();
+    this.pid = this.child.pid;
+    this.child.status.then(() => this.#exited = true);
+  }
+
+  /** Starts a server with its log in a new file. */
+  static async start(args: string[]): Promise<ServerProcess> {
+    logDir ??= await Deno.makeTempDir({ prefix: "tcpnetlock-bench-" });
+    return new ServerProcess(args, await Deno.makeTempFile({ dir: logDir, suffix: ".log" }));
+  }
+
+  /** The log so far (at most its last 64 KiB). */
+  async #log(): Promise<string> {
+    if (this.logFile === null) return "";
+    try {
+      using file = await Deno.open(this.logFile);
+      const size = (await file.stat()).size;
+      const from = Math.max(0, size - 65536);
+      await file.seek(from, Deno.SeekMode.Start);
+      const buf = new Uint8Array(size - from);
+      let got = 0;
+      while (got < buf.length) {
+        const n = await file.read(buf.subarray(got));
+        if (n === null) break;
+        got += n;
+      }
+      // deno-lint-ignore no-control-regex
+      return decoder.decode(buf.subarray(0, got)).replace(/\x1b\[[0-9;]*m/g, "");
+    } catch {
+      return "";
+    }
+  }
+
+  /** The last lines the server wrote. */
+  async lastLines(n: number): Promise<string[]> {
+    return (await this.#log()).split("\n").filter((l) => l.trim() !== "").slice(-n);
+  }
+
+  /**
+   * Resolves to the port once a line containing "listening on" shows one (the digits after the
+   * last `:` of what follows); throws if the process dies or stays silent.
+   */
+  async waitListening(timeoutMs = 20_000): Promise<number> {
+    const deadline = performance.now() + timeoutMs;
+    while (performance.now() < deadline) {
+      for (const line of (await this.#log()).split("\n")) {
+        const at = line.indexOf("listening on");
+        if (at < 0) continue;
+        const after = line.slice(at);
+        const m = after.slice(after.lastIndexOf(":")).match(/^:(\d+)/);
+        if (m) {
+          this.port = Number(m[1]);
+          return this.port;
+        }
+      }
+      if (this.#exited) break;
+      await sleep(5);
+    }
+    const why = this.#exited
+      ? `exited with code ${(await this.child.status).code}`
+      : `said nothing like "listening on HOST:PORT" within ${timeoutMs} ms`;
+    const said = (await this.lastLines(15)).join("\n  ");
+    await this.stop();
+    throw new Error(`Server ${why}:\n  ${said}`);
+  }
+
+  /** True once the process has ended. */
+  get exited(): boolean {
+    return this.#exited;
+  }
+
+  /** SIGTERM, then SIGKILL after a grace period; waits for the process; removes the log. */
+  async stop(): Promise<void> {
+    if (!this.#exited) {
+      try {
+        this.child.kill("SIGTERM");
+      } catch {
+        // Already gone.
+      }
+    }
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const inTime = await Promise.race([
+      this.child.status.then(() => true),
+      new Promise<false>((resolve) => {
+        timer = setTimeout(() => resolve(false), 3000);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (!inTime) {
+      try {
+        this.child.kill("SIGKILL");
+      } catch {
+        // Gone meanwhile.
+      }
+      await this.child.status;
+    }
+    if (this.logFile !== null) await Deno.remove(this.logFile).catch(() => {});
+  }
+}
+
+/** Which server to start, and how. */
+interface ServerKind {
+  label: "ours" | "floor";
+  /** `deno` arguments for a given port. */
+  args(port: number): string[];
+}
+
+/** Our server; drops the limit flags if the server does not know them. */
+function oursKind(script: string, state: { limits: boolean }): ServerKind {
+  return {
+    label: "ours",
+    args: (port) => [
+      "run",
+      "-A",
+      script,
+      "--listen",
+      "127.0.0.1",
+      "--port",
+      String(port),
+      "--info",
+      ...(state.limits ? LIMIT_FLAGS : []),
+    ],
+  };
+}
+
+const FLOOR: ServerKind = {
+  label: "floor",
+  args: (port) => ["run", "-A", FLOOR_SCRIPT, "--listen", "127.0.0.1", "--port", String(port)],
+};
+
+let limitState: { limits: boolean } | undefined;
+
+/** Starts a server on port 0 and waits until it listens. */
+async function startServer(kind: ServerKind): Promise<ServerProcess> {
+  const server = await ServerProcess.start(kind.args(0));
+  try {
+    await server.waitListening();
+    return server;
+  } catch (e) {
+    if (kind.label === "ours" && limitState?.limits) {
+      // The --max-* flags may not exist (yet): try once more without them.
+      limitState.limits = false;
+      note(`our server did not start with ${LIMIT_FLAGS.join(" ")}; retrying without them`);
+      const again = await ServerProcess.start(kind.args(0));
+      await again.waitListening();
+      return again;
+    }
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios
+
+/** Per-server results of one scenario in one run. */
+interface Pair<T> {
+  ours: T | null;
+  floor: T | null;
+}
+
+interface ReadyResult {
+  /** Each measured start, process spawn to the first `pong`, in milliseconds. */
+  samples: number[];
+  /** Median of the samples. */
+  ms: number;
+  errors: number;
+  examples: string[];
+}
+
+interface DoResult {
+  skipped?: string;
+  /** `deno run -A do.ts -- true` wall times, ms. */
+  doSamples: number[];
+  /** `deno run -A bench/noop.ts` wall times, ms. */
+  emptySamples: number[];
+  doMs: number;
+  emptyMs: number;
+  addsMs: number;
+  errors: number;
+  examples: string[];
+}
+
+interface RunResult {
+  cycles?: Pair<CyclesResult[]>;
+  handover?: Pair<HandoverResult> & { referenceCyclesPerSecond: number | null };
+  held?: Pair<HeldResult>;
+  ready?: Pair<ReadyResult>;
+  do?: DoResult;
+}
+
+interface Context {
+  opts: Options;
+  sizes: Sizes;
+  kinds: ServerKind[];
+  heldCount: number;
+}
+
+function progress(text: string): void {
+  Deno.stderr.writeSync(encoder.encode(`  ${text}\n`));
+}
+
+const notes: string[] = [];
+
+function note(text: string): void {
+  if (notes.includes(text)) return;
+  notes.push(text);
+  Deno.stderr.writeSync(encoder.encode(`note: ${text}\n`));
+}
+
+/** Runs `fn` against a fresh server of each kind. */
+async function perServer<T>(
+  ctx: Context,
+  fn: (target: Target, server: ServerProcess, kind: ServerKind) => Promise<T>,
+): Promise<Pair<T>> {
+  const pair: Pair<T> = { ours: null, floor: null };
+  for (const kind of ctx.kinds) {
+    const server = await startServer(kind);
+    try {
+      pair[kind.label] = await fn({ hostname: "127.0.0.1", port: server.port }, server, kind);
+    } finally {
+      await server.stop();
+    }
+  }
+  return pair;
+}
+
+async function scenarioCycles(ctx: Context): Promise<Pair<CyclesResult[]>> {
+  const s = ctx.sizes;
+  // Both servers run at once; each level is measured on one, then on the other, so that a
+  // disturbance from outside hits both alike. The idle one costs nothing meanwhile.
+  const servers: ServerProcess[] = [];
+  try {
+    for (const kind of ctx.kinds) servers.push(await startServer(kind));
+    const pair: Pair<CyclesResult[]> = { ours: null, floor: null };
+    for (const clients of s.cycleLevels) {
+      for (const [i, kind] of ctx.kinds.entries()) {
+        const r = await runCycles({ hostname: "127.0.0.1", port: servers[i].port }, {
+          clients,
+          durationMs: s.cycleMs,
+          warmupMs: s.cycleWarmupMs,
+        });
+        progress(
+          `cycles ${kind.label} ${clients} clients: ${r.rate}/s p50 ${r.latency.p50} ms ` +
+            `p99 ${r.latency.p99} ms, ${r.errors.total} errors`,
+        );
+        (pair[kind.label] ??= []).push(r);
+      }
+    }
+    return pair;
+  } finally {
+    for (const server of servers) await server.stop();
+  }
+}
+
+async function scenarioHandover(
+  ctx: Context,
+  run: RunResult,
+): Promise<Pair<HandoverResult> & { referenceCyclesPerSecond: number | null }> {
+  const s = ctx.sizes;
+  let reference = run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null;
+  const pair = await perServer(ctx, async (target, _server, kind) => {
+    if (kind.label === "ours" && reference === null) {
+      // The target compares with the uncontended cycle rate at the same concurrency.
+      const r = await runCycles(target, {
+        clients: s.handoverClients,
+        durationMs: s.cycleMs,
+        warmupMs: s.cycleWarmupMs,
+      });
+      progress(`handover reference: ours ${s.handoverClients} clients uncontended ${r.rate}/s`);
+      if (r.errors.total > 0) note(`reference cycles had ${r.errors.total} errors`);
+      reference = r.rate;
+    }
+    const r = await runHandover(target, {
+      clients: s.handoverClients,
+      names: s.handoverNames,
+      durationMs: s.handoverMs,
+      warmupMs: s.handoverWarmupMs,
+      wait: 30,
+      checkLocking: kind.label === "ours",
+    });
+    progress(
+      `handover ${kind.label}: ${r.rate}/s, ${r.handovers} hand-overs, ` +
+        `${r.queuedPerGrant} queued lines per grant, delay p50 ` +
+        `${r.delay.p50} p99 ${r.delay.p99} ms, lock->ok p50 ${r.grantLatency.p50} ms, ` +
+        `${r.errors.total} errors`,
+    );
+    return r;
+  });
+  return { ...pair, referenceCyclesPerSecond: reference };
+}
+
+async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
+  const s = ctx.sizes;
+  return await perServer(ctx, async (target, server, kind) => {
+    const r = await runHeld(target, {
+      count: ctx.heldCount,
+      pid: server.pid,
+      settleMs: s.heldSettleMs,
+      idleMs: s.heldIdleMs,
+      pings: s.heldPings,
+      warmupPings: s.heldWarmupPings,
+    });
+    progress(
+      `held ${kind.label}: ${r.held} held, ${r.kibPerLock} kB each, idle CPU ` +
+        `${r.idleCpuPercent}%, ping p99 ${r.ping.p99} ms, release ${r.releaseMs} ms, ` +
+        `${r.errors.total} errors`,
+    );
+    return r;
+  });
+}
+
+/** A port that was free a moment ago. */
+function freePort(): number {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (listener.addr as Deno.NetAddr).port;
+  listener.close();
+  return port;
+}
+
+/** Spawns a server on a fixed port and polls it until it answers `.ping`: ms, or an error. */
+async function timeReady(kind: ServerKind): Promise<number | string> {
+  const port = freePort();
+  const t0 = performance.now();
+  // Started directly (no shell in between), its output dropped: only the start is timed.
+  const server = new ServerProcess(kind.args(port), null);
+  const deadline = t0 + 20_000;
+  const lines = new LineConn();
+  try {
+    while (performance.now() < deadline) {
+      if (server.exited) return `server exited with code ${(await server.child.status).code}`;
+      let conn: Deno.Conn;
+      try {
+        conn = await Deno.connect({ hostname: "127.0.0.1", port });
+      } catch (e) {
+        if (!(e instanceof Deno.errors.ConnectionRefused)) return String(e);
+        await sleep(1);
+        continue;
+      }
+      lines.reset(conn);
+      try {
+        await lines.write(encoder.encode(".ping\n"));
+        const reply = await lines.line();
+        if (reply === "pong") return performance.now() - t0;
+        return `expected "pong", got ${reply === null ? "EOF" : JSON.stringify(reply)}`;
+      } catch (e) {
+        return String(e);
+      } finally {
+        lines.close();
+      }
+    }
+    return "no pong within 20 s";
+  } finally {
+    await server.stop();
+  }
+}
+
+async function scenarioReady(ctx: Context): Promise<Pair<ReadyResult>> {
+  const pair: Pair<ReadyResult> = { ours: null, floor: null };
+  for (const kind of ctx.kinds) {
+    const samples: number[] = [];
+    const examples: string[] = [];
+    let errors = 0;
+    // One start first, unmeasured: Deno's module cache gets warm.
+    await timeReady(kind);
+    for (let i = 0; i < ctx.sizes.readyReps; i++) {
+      const r = await timeReady(kind);
+      if (typeof r === "number") samples.push(r);
+      else {
+        errors++;
+        if (examples.length < 10) examples.push(r);
+      }
+    }
+    const ms = latency(samples).p50;
+    progress(`ready ${kind.label}: ${ms} ms (${samples.length} starts), ${errors} errors`);
+    pair[kind.label] = { samples: samples.map(round1), ms, errors, examples };
+  }
+  return pair;
+}
+
+/** Runs a `deno` command to completion: wall milliseconds, or an error text. */
+async function timeDeno(args: string[], env: Record<string, string>): Promise<number | string> {
+  const t0 = performance.now();
+  const out = await new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: ROOT,
+    env,
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const ms = performance.now() - t0;
+  if (out.success) return ms;
+  const text = (decoder.decode(out.stderr) + decoder.decode(out.stdout)).trim().slice(-300);
+  return `deno ${args.join(" ")} exited with code ${out.code}: ${text}`;
+}
+
+async function scenarioDo(ctx: Context): Promise<DoResult> {
+  const empty: DoResult = {
+    doSamples: [],
+    emptySamples: [],
+    doMs: NaN,
+    emptyMs: NaN,
+    addsMs: NaN,
+    errors: 0,
+    examples: [],
+  };
+  try {
+    await Deno.stat(`${ROOT}do.ts`);
+  } catch {
+    return { ...empty, skipped: "do.ts does not exist yet" };
+  }
+  const ours = ctx.kinds.find((k) => k.label === "ours");
+  if (!ours) return { ...empty, skipped: "our server is not available" };
+  const server = await startServer(ours);
+  try {
+    const env = { TCPNETLOCK_PORT: String(server.port), TCPNETLOCK_HOST: "127.0.0.1" };
+    const doArgs = ["run", "-A", "do.ts", "--", "true"];
+    const emptyArgs = ["run", "-A", NOOP_SCRIPT];
+    const result = { ...empty };
+    const record = (r: number | string, into: number[]) => {
+      if (typeof r === "number") into.push(r);
+      else {
+        result.errors++;
+        if (result.examples.length < 10) result.examples.push(r);
+      }
+    };
+    // One of each first, unmeasured, for a warm module cache; then interleaved.
+    const target = { hostname: "127.0.0.1", port: server.port };
+    const grantsBefore = await grantCount(target);
+    record(await timeDeno(doArgs, env), []);
+    record(await timeDeno(emptyArgs, env), []);
+    for (let i = 0; i < ctx.sizes.doReps; i++) {
+      record(await timeDeno(emptyArgs, env), result.emptySamples);
+      record(await timeDeno(doArgs, env), result.doSamples);
+    }
+    // Each do.ts run must have taken the lock once: the server's grant counter says so.
+    const grantsAfter = await grantCount(target);
+    const runs = ctx.sizes.doReps + 1;
+    if (typeof grantsBefore === "string" || typeof grantsAfter === "string") {
+      record(`.stats failed: ${grantsBefore} ${grantsAfter}`, []);
+    } else if (grantsAfter - grantsBefore !== runs) {
+      record(`${runs} do.ts runs, but the server granted ${grantsAfter - grantsBefore} locks`, []);
+    }
+    result.doMs = latency(result.doSamples).p50;
+    result.emptyMs = latency(result.emptySamples).p50;
+    result.addsMs = round1(result.doMs - result.emptyMs);
+    result.doSamples = result.doSamples.map(round1);
+    result.emptySamples = result.emptySamples.map(round1);
+    progress(
+      `do: do.ts ${result.doMs} ms, empty deno run ${result.emptyMs} ms, adds ` +
+        `${result.addsMs} ms, ${result.errors} errors`,
+    );
+    return result;
+  } finally {
+    await server.stop();
+  }
+}
+
+/** The server's `lock_acquired_count` from `.stats`, or an error text. */
+async function grantCount(target: Target): Promise<number | string> {
+  const lines = new LineConn();
+  try {
+    lines.reset(await Deno.connect(target));
+    await lines.write(encoder.encode(".stats\n"));
+    const reply = await lines.line();
+    if (reply === null || !reply.startsWith("stats,")) return `.stats answered ${reply}`;
+    const count = JSON.parse(reply.slice(6)).lock_acquired_count;
+    return typeof count === "number" ? count : `no lock_acquired_count in ${reply}`;
+  } catch (e) {
+    return String(e);
+  } finally {
+    lines.close();
+  }
+}
+
+function round1(v: number): number {
+  return Math.round(v * 10) / 10;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The table
+
+/** One figure of the table, as medians over the runs. */
+interface Row {
+  scenario: Scenario;
+  metric: string;
+  unit: string;
+  ours: number | null;
+  floor: number | null;
+  ratio: number | null;
+  target: string;
+  met: boolean | null;
+}
+
+function median(values: (number | null | undefined)[]): number | null {
+  const v = values.filter((x): x is number => typeof x === "number" && Number.isFinite(x))
+    .sort((a, b) => a - b);
+  if (v.length === 0) return null;
+  const mid = v.length >> 1;
+  return v.length % 2 ? v[mid] : (v[mid - 1] + v[mid]) / 2;
+}
+
+function sum(values: (number | null | undefined)[]): number | null {
+  const v = values.filter((x): x is number => typeof x === "number");
+  return v.length ? v.reduce((a, b) => a + b, 0) : null;
+}
+
+type Get = (run: RunResult) => { ours?: number | null; floor?: number | null };
+
+interface RowSpec {
+  scenario: Scenario;
+  metric: string;
+  unit: string;
+  get: Get;
+  /** Errors are summed over the runs, everything else is a median. */
+  errors?: boolean;
+  target?: string;
+  /** Whether the (median) figures meet the target. */
+  check?: (ours: number, floor: number | null, ratio: number | null) => boolean;
+}
+
+const lat = (l: Latency | undefined, q: "p50" | "p99") => l?.[q] ?? null;
+const level = (r: CyclesResult[] | null | undefined, clients: number) =>
+  r?.find((x) => x.clients === clients);
+
+function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): RowSpec[] {
+  const specs: RowSpec[] = [];
+  for (const n of sizes.cycleLevels) {
+    const clients = `${n} client${n === 1 ? "" : "s"}`;
+    const gated = n >= 16;
+    specs.push({
+      scenario: "cycles",
+      metric: `cycles/s, ${clients}`,
+      unit: "/s",
+      get: (r) => ({
+        ours: level(r.cycles?.ours, n)?.rate,
+        floor: level(r.cycles?.floor, n)?.rate,
+      }),
+      ...(gated ? { target: "≥ 0.85 × floor", check: (_o, _f, r) => r !== null && r >= 0.85 } : {}),
+    });
+    for (const q of ["p50", "p99"] as const) {
+      specs.push({
+        scenario: "cycles",
+        metric: `cycle ${q}, ${clients}`,
+        unit: "ms",
+        get: (r) => ({
+          ours: lat(level(r.cycles?.ours, n)?.latency, q),
+          floor: lat(level(r.cycles?.floor, n)?.latency, q),
+        }),
+      });
+    }
+  }
+  specs.push({
+    scenario: "cycles",
+    metric: "cycles errors",
+    unit: "",
+    errors: true,
+    get: (r) => ({
+      ours: sum(r.cycles?.ours?.map((x) => x.errors.total) ?? [null]),
+      floor: sum(r.cycles?.floor?.map((x) => x.errors.total) ?? [null]),
+    }),
+    target: "0",
+    check: (o) => o === 0,
+  });
+
+  const hc = `${sizes.handoverClients} clients, ${sizes.handoverNames} names`;
+  specs.push(
+    {
+      scenario: "handover",
+      metric: `hand-over grants/s (${hc})`,
+      unit: "/s",
+      get: (r) => ({ ours: r.handover?.ours?.rate, floor: r.handover?.floor?.rate }),
+      target: `≥ 0.7 × ours at ${sizes.handoverClients} clients uncontended` +
+        (handoverRef === null ? "" : ` (${fmt(0.7 * handoverRef, "/s")})`),
+      check: (o) => handoverRef !== null && o >= 0.7 * handoverRef,
+    },
+    {
+      scenario: "handover",
+      metric: "hand-over delay p50 (floor: lock→ok)",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.handover?.ours?.delay, "p50"),
+        floor: lat(r.handover?.floor?.grantLatency, "p50"),
+      }),
+    },
+    {
+      scenario: "handover",
+      metric: "hand-over delay p99 (floor: lock→ok)",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.handover?.ours?.delay, "p99"),
+        floor: lat(r.handover?.floor?.grantLatency, "p99"),
+      }),
+      target: "< 2 ms",
+      check: (o) => o < 2,
+    },
+    {
+      scenario: "handover",
+      metric: "handover errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({
+        ours: r.handover?.ours?.errors.total,
+        floor: r.handover?.floor?.errors.total,
+      }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+
+  const held = heldCount.toLocaleString("en-US");
+  specs.push(
+    {
+      scenario: "held",
+      metric: `memory per held lock (${held} held)`,
+      unit: "kB",
+      get: (r) => ({ ours: r.held?.ours?.kibPerLock, floor: r.held?.floor?.kibPerLock }),
+      target: "< 10 kB",
+      check: (o) => o < 10,
+    },
+    {
+      scenario: "held",
+      metric: "idle CPU while held",
+      unit: "%",
+      get: (r) => ({ ours: r.held?.ours?.idleCpuPercent, floor: r.held?.floor?.idleCpuPercent }),
+      target: "< 1 %",
+      check: (o) => o < 1,
+    },
+    {
+      scenario: "held",
+      metric: ".ping p50 while held",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.held?.ours?.ping, "p50"),
+        floor: lat(r.held?.floor?.ping, "p50"),
+      }),
+    },
+    {
+      scenario: "held",
+      metric: ".ping p99 while held",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.held?.ours?.ping, "p99"),
+        floor: lat(r.held?.floor?.ping, "p99"),
+      }),
+      target: "< 5 ms",
+      check: (o) => o < 5,
+    },
+    {
+      scenario: "held",
+      metric: `acquire all ${held}`,
+      unit: "ms",
+      get: (r) => ({ ours: r.held?.ours?.acquireMs, floor: r.held?.floor?.acquireMs }),
+    },
+    {
+      scenario: "held",
+      metric: `release all ${held}`,
+      unit: "ms",
+      get: (r) => ({ ours: r.held?.ours?.releaseMs, floor: r.held?.floor?.releaseMs }),
+    },
+    {
+      scenario: "held",
+      metric: "held errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.held?.ours?.errors.total, floor: r.held?.floor?.errors.total }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+
+  specs.push(
+    {
+      scenario: "ready",
+      metric: "process start to first pong",
+      unit: "ms",
+      get: (r) => ({ ours: r.ready?.ours?.ms, floor: r.ready?.floor?.ms }),
+      target: "< 300 ms",
+      check: (o) => o < 300,
+    },
+    {
+      scenario: "ready",
+      metric: "ready errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.ready?.ours?.errors, floor: r.ready?.floor?.errors }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+
+  specs.push(
+    {
+      scenario: "do",
+      metric: "do.ts -- true (floor: empty deno run)",
+      unit: "ms",
+      get: (r) => ({ ours: r.do?.doMs, floor: r.do?.emptyMs }),
+    },
+    {
+      scenario: "do",
+      metric: "do.ts adds",
+      unit: "ms",
+      get: (r) => ({ ours: r.do?.addsMs }),
+      target: "< 100 ms",
+      check: (o) => o < 100,
+    },
+    {
+      scenario: "do",
+      metric: "do errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.do?.skipped ? null : r.do?.errors }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+  return specs;
+}
+
+function buildRows(specs: RowSpec[], runs: RunResult[], only: Scenario[]): Row[] {
+  const rows = new Map<string, Row>();
+  for (const spec of specs) {
+    if (!only.includes(spec.scenario)) continue;
+    const values = runs.map(spec.get);
+    const agg = spec.errors ? sum : median;
+    const ours = agg(values.map((v) => v.ours));
+    const floor = agg(values.map((v) => v.floor));
+    // The ratio is the median of each run's ratio: ours and the floor of one run saw the same
+    // machine, runs apart may not have.
+    const ratio = spec.errors
+      ? null
+      : median(values.map((v) =>
+        typeof v.ours === "number" && typeof v.floor === "number" && v.floor !== 0
+          ? v.ours / v.floor
+          : null
+      ));
+    rows.set(spec.metric, {
+      scenario: spec.scenario,
+      metric: spec.metric,
+      unit: spec.unit,
+      ours,
+      floor,
+      ratio: ratio === null ? null : Math.round(ratio * 100) / 100,
+      target: spec.target ?? "",
+      met: null,
+    });
+  }
+  // Zero errors is part of every target of a scenario.
+  const errorsOf = (s: Scenario) =>
+    [...rows.values()].find((r) => r.unit === "" && r.scenario === s);
+  for (const spec of specs) {
+    const row = rows.get(spec.metric);
+    if (!row || !spec.check) continue;
+    if (row.ours === null) continue;
+    const errs = errorsOf(spec.scenario)?.ours ?? 0;
+    row.met = spec.check(row.ours, row.floor, row.ratio) && errs === 0;
+  }
+  return [...rows.values()];
+}
+
+function fmt(v: number | null, unit: string): string {
+  if (v === null) return "n/a";
+  if (unit === "/s" || unit === "") return Math.round(v).toLocaleString("en-US");
+  const a = Math.abs(v);
+  const digits = a >= 100 ? 0 : a >= 10 ? 1 : a >= 1 ? 2 : 3;
+  return v.toFixed(digits);
+}
+
+function table(rows: Row[]): string {
+  const header = ["scenario", "metric", "unit", "ours", "floor", "ours/floor", "target", "met"];
+  const body = rows.map((r) => [
+    r.scenario,
+    r.metric,
+    r.unit,
+    fmt(r.ours, r.unit),
+    fmt(r.floor, r.unit),
+    r.ratio === null ? "" : r.ratio.toFixed(2),
+    r.target,
+    r.met === null ? (r.target ? "n/a" : "") : r.met ? "met" : "MISSED",
+  ]);
+  const all = [header, ...body];
+  const width = header.map((_, i) => Math.max(...all.map((row) => row[i].length)));
+  const right = new Set([3, 4, 5]);
+  const line = (row: string[]) =>
+    row.map((c, i) => right.has(i) ? c.padStart(width[i]) : c.padEnd(width[i])).join("  ")
+      .trimEnd();
+  return [line(header), width.map((w) => "-".repeat(w)).join("  "), ...body.map(line)].join("\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+
+/** Runs the benchmark; returns the exit code. */
+export async function main(args: string[]): Promise<number> {
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(usage());
+    return 0;
+  }
+  const parsed = parseArgs(args);
+  if (typeof parsed === "string") {
+    console.error(`${parsed}\n\n${usage()}`);
+    return 2;
+  }
+  const opts = parsed;
+  const sizes = opts.quick ? QUICK : FULL;
+
+  // 15,000 held locks need 15,000 descriptors here and in the server (which inherits ours).
+  let heldCount = sizes.held;
+  const needed = heldCount + 1000;
+  const limits = fdLimits();
+  if (opts.only.includes("held") && limits && limits.soft < needed) {
+    if (!Deno.env.get(REEXEC_ENV)) {
+      note(`open files limit is ${limits.soft}; re-running under "ulimit -n 65536"`);
+      return await reexecWithMoreFds();
+    }
+    heldCount = Math.max(100, limits.soft - 1000);
+    note(
+      `open files limit is ${limits.soft} (hard ${limits.hard}), too low for ${sizes.held} ` +
+        `held locks; holding ${heldCount} instead. Raise it with "ulimit -n 65536" as root`,
+    );
+  }
+
+  const kinds: ServerKind[] = [];
+  const serverPath = opts.server;
+  let serverExists = true;
+  try {
+    await Deno.stat(new URL(serverPath, `file://${ROOT}`));
+  } catch {
+    serverExists = false;
+  }
+  if (serverExists) {
+    limitState = { limits: true };
+    kinds.push(oursKind(serverPath, limitState));
+  } else {
+    note(`${serverPath} does not exist: measuring the floor server alone`);
+  }
+  if (!opts.noFloor) kinds.push(FLOOR);
+  if (kinds.length === 0) {
+    console.error("Nothing to measure: no server and --no-floor");
+    return 2;
+  }
+  const ctx: Context = { opts, sizes, kinds, heldCount };
+
+  // Other work on the machine makes every figure noisy: say so.
+  const busyBefore = await machineBusy(500);
+  if (busyBefore !== null && busyBefore >= 0.1) {
+    note(
+      `the machine was ${Math.round(busyBefore * 100)}% busy before the bench started ` +
+        "(other processes): the figures are noisy",
+    );
+  }
+  const started = performance.now();
+  const runs: RunResult[] = [];
+  for (let i = 0; i < opts.runs; i++) {
+    progress(`run ${i + 1} of ${opts.runs}${opts.quick ? " (quick)" : ""}`);
+    const run: RunResult = {};
+    runs.push(run);
+    for (const scenario of opts.only) {
+      switch (scenario) {
+        case "cycles":
+          run.cycles = await scenarioCycles(ctx);
+          break;
+        case "handover":
+          run.handover = await scenarioHandover(ctx, run);
+          break;
+        case "held":
+          run.held = await scenarioHeld(ctx);
+          break;
+        case "ready":
+          run.ready = await scenarioReady(ctx);
+          break;
+        case "do":
+          run.do = await scenarioDo(ctx);
+          if (run.do.skipped) note(`do: skipped, ${run.do.skipped}`);
+          break;
+      }
+    }
+  }
+  const seconds = Math.round((performance.now() - started) / 100) / 10;
+
+  const handoverRef = median(runs.map((r) => r.handover?.referenceCyclesPerSecond));
+  const rows = buildRows(rowSpecs(sizes, heldCount, handoverRef), runs, opts.only);
+  const errorRows = rows.filter((r) => r.unit === "");
+  const errorsOurs = sum(errorRows.map((r) => r.ours)) ?? 0;
+  const errorsFloor = sum(errorRows.map((r) => r.floor)) ?? 0;
+  const scenarios: Record<string, unknown> = {};
+  for (const s of opts.only) {
+    const errs = errorRows.find((r) => r.scenario === s);
+    scenarios[s] = {
+      ...(s === "do" && runs[0].do?.skipped ? { skipped: runs[0].do.skipped } : {}),
+      errors: { ours: errs?.ours ?? null, floor: errs?.floor ?? null },
+      runs: runs.map((r) => r[s]),
+    };
+  }
+  const targets = rows.filter((r) => r.met !== null);
+  const report = {
+    tool: "tcpnetlock bench",
+    date: new Date().toISOString(),
+    seconds,
+    deno: Deno.version,
+    host: { os: Deno.build.os, arch: Deno.build.arch, cpus: navigator.hardwareConcurrency },
+    options: { runs: opts.runs, quick: opts.quick, only: opts.only, server: serverPath },
+    servers: kinds.map((k) => ({ label: k.label, args: k.args(0) })),
+    heldCount,
+    machineBusyBefore: busyBefore,
+    aggregate: opts.runs > 1
+      ? "ours and floor: medians of the runs; ratio: median of the per-run ratios; errors: sums"
+      : "single run",
+    errors: { ours: errorsOurs, floor: errorsFloor },
+    targetsMet: targets.length > 0 && targets.every((r) => r.met),
+    notes,
+    rows,
+    scenarios,
+  };
+
+  const out = opts.out.startsWith("/") ? opts.out : `${ROOT}${opts.out}`;
+  await Deno.mkdir(out.slice(0, out.lastIndexOf("/")), { recursive: true });
+  await Deno.writeTextFile(out, JSON.stringify(report, null, 2) + "\n");
+
+  console.log(
+    `\ntcpnetlock bench: ${opts.runs} run${opts.runs > 1 ? "s (medians)" : ""}` +
+      `${opts.quick ? ", quick" : ""}, ${seconds} s, deno ${Deno.version.deno}, ` +
+      `${navigator.hardwareConcurrency} CPUs\n`,
+  );
+  console.log(table(rows));
+  const missed = targets.filter((r) => !r.met).length;
+  console.log(
+    `\ntargets: ${targets.length - missed} met, ${missed} missed; errors: ours ${errorsOurs}, ` +
+      `floor ${errorsFloor}`,
+  );
+  for (const n of notes) console.log(`note: ${n}`);
+  console.log(`JSON: ${opts.out}`);
+  return errorsOurs === 0 && errorsFloor === 0 ? 0 : 1;
+}
+
+if (import.meta.main) {
+  let code: number;
+  try {
+    code = await main(Deno.args);
+  } finally {
+    if (logDir !== undefined) await Deno.remove(logDir, { recursive: true }).catch(() => {});
+  }
+  Deno.exit(code);
+}
