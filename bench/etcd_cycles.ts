@@ -1,0 +1,112 @@
+#!/usr/bin/env -S deno run -A
+/**
+ * Lock+release cycles per second against `--store etcd` compared with the memory store: the
+ * benchmark's `cycles` scenario (bench/load.ts `runCycles`: one connection per cycle, each client
+ * on its own name, version 1 `lock` then `release`) at 16 clients by default, our server as a
+ * subprocess each time, etcd a real member (or three) on loopback with its data on /dev/shm.
+ *
+ * ```sh
+ * deno run -A bench/etcd_cycles.ts                        # memory vs etcd, 16 clients
+ * deno run -A bench/etcd_cycles.ts --servers 2            # also two servers sharing one etcd
+ * deno run -A bench/etcd_cycles.ts --members 3 --clients 64 --duration-s 5
+ * ```
+ *
+ * Prints one line per setup and the ratio etcd / memory; `--json` prints the figures as JSON.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { type CyclesResult, runCycles } from "./load.ts";
+import { startEtcd } from "../tests/etcd_util.ts";
+import { type ServerProcess, startServerProcess } from "../tests/test_util.ts";
+
+const { values } = parseArgs({
+  args: Deno.args,
+  options: {
+    clients: { type: "string", default: "16" },
+    "duration-s": { type: "string", default: "3" },
+    "warmup-s": { type: "string", default: "0.5" },
+    members: { type: "string", default: "1" },
+    servers: { type: "string", default: "1" },
+    json: { type: "boolean", default: false },
+  },
+});
+const clients = Number(values.clients);
+const durationMs = Number(values["duration-s"]) * 1000;
+const warmupMs = Number(values["warmup-s"]) * 1000;
+const members = Number(values.members);
+const serverCount = Number(values.servers);
+
+const LIMITS = ["--max-connections", "100000", "--max-locks", "100000"];
+
+interface Row {
+  setup: string;
+  servers: number;
+  clients: number;
+  rate: number;
+  p50: number;
+  p99: number;
+  errors: number;
+}
+
+/** Runs the cycles against each server at once, `clients` split between them; sums the rates. */
+async function measure(setup: string, servers: ServerProcess[]): Promise<Row> {
+  const share = Math.ceil(clients / servers.length);
+  const results: CyclesResult[] = await Promise.all(
+    servers.map((s, i) =>
+      runCycles({ hostname: "127.0.0.1", port: s.port }, {
+        clients: Math.min(share, clients - i * share),
+        durationMs,
+        warmupMs,
+        prefix: `${setup.replace(/[^a-zA-Z0-9]+/g, "_")}-s${i}`,
+      })
+    ),
+  );
+  const row: Row = {
+    setup,
+    servers: servers.length,
+    clients,
+    rate: results.reduce((n, r) => n + r.rate, 0),
+    p50: Math.max(...results.map((r) => r.latency.p50)),
+    p99: Math.max(...results.map((r) => r.latency.p99)),
+    errors: results.reduce((n, r) => n + r.errors.total, 0),
+  };
+  if (!values.json) {
+    console.log(
+      `${setup.padEnd(22)} servers ${row.servers}  clients ${row.clients}  ` +
+        `${String(row.rate).padStart(6)} cycles/s  p50 ${row.p50} ms  p99 ${row.p99} ms  ` +
+        `errors ${row.errors}`,
+    );
+  }
+  return row;
+}
+
+const rows: Row[] = [];
+{
+  await using memory = await startServerProcess(LIMITS);
+  rows.push(await measure("memory", [memory]));
+}
+await using etcd = await startEtcd({ members });
+const etcdFlags = ["--store", "etcd", "--etcd-endpoints", etcd.endpoints.join(",")];
+{
+  await using one = await startServerProcess([...LIMITS, ...etcdFlags, "--etcd-prefix", "/b1"]);
+  rows.push(await measure(`etcd (${members} member${members > 1 ? "s" : ""})`, [one]));
+}
+if (serverCount > 1) {
+  const servers: ServerProcess[] = [];
+  try {
+    for (let i = 0; i < serverCount; i++) {
+      servers.push(await startServerProcess([...LIMITS, ...etcdFlags, "--etcd-prefix", "/b2"]));
+    }
+    rows.push(await measure(`etcd, shared`, servers));
+  } finally {
+    for (const s of servers) await s.stop("SIGKILL");
+  }
+}
+const ratio = Math.round((rows[1].rate / rows[0].rate) * 1000) / 1000;
+if (values.json) {
+  console.log(JSON.stringify({ rows, ratio_etcd_to_memory: ratio }, null, 2));
+} else {
+  console.log(`ratio etcd / memory at ${clients} clients: ${ratio}`);
+}

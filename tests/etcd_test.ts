@@ -1,0 +1,309 @@
+// The etcd store: several tcpnetlock servers on one etcd share one set of locks. Real etcd
+// members on loopback (tests/etcd_util.ts); skipped with a warning when no etcd is installed.
+
+import assert from "node:assert/strict";
+import { b64, parseLeaseId, parseRevision, prefixEnd, unb64 } from "../lib/etcd.ts";
+import { hasEtcd, sharedEtcd, startEtcd } from "./etcd_util.ts";
+import {
+  exchange,
+  RawClient,
+  ROOT,
+  startServerProcess,
+  startTestServer,
+  type TestServer,
+} from "./test_util.ts";
+
+const ETCD = await hasEtcd();
+if (!ETCD) console.warn("etcd is not installed (apt-get install etcd-server): skipping");
+
+function token(reply: string | null): number {
+  const m = /^ok,token:(\d+)$/.exec(reply ?? "");
+  assert.ok(m, `expected ok,token:T, got ${reply}`);
+  return Number(m[1]);
+}
+
+function newPrefix(): string {
+  return `/tcpnetlock-test/${crypto.randomUUID().slice(0, 8)}`;
+}
+
+/** An in-process server on the shared etcd, under `prefix`. */
+async function etcdServer(prefix: string, leaseTtl = 10): Promise<TestServer> {
+  return await startTestServer({ etcd: { endpoints: await sharedEtcd(), prefix, leaseTtl } });
+}
+
+/** Resolves with the time the promise settled, for measuring; rejects after `ms` (a bound). */
+async function timed<T>(p: Promise<T>, ms = 15_000): Promise<[T, number]> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const v = await Promise.race([
+      p,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+      }),
+    ]);
+    return [v, performance.now()];
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+Deno.test("etcd client: numbers are parsed safely, lease ids stay strings, keys go base64", () => {
+  assert.equal(parseRevision("12345"), 12345);
+  assert.equal(parseRevision(undefined), 0);
+  assert.equal(parseRevision(String(Number.MAX_SAFE_INTEGER)), Number.MAX_SAFE_INTEGER);
+  assert.throws(() => parseRevision("9007199254740993"), /too large/);
+  assert.throws(() => parseRevision("-1"), /Malformed/);
+  assert.throws(() => parseRevision("1e3"), /Malformed/);
+  // A real lease id from etcd: above 2^53, where Number() would round it.
+  assert.equal(parseLeaseId("7587873478298458378"), "7587873478298458378");
+  assert.notEqual(String(Number("7587873478298458378")), "7587873478298458378");
+  assert.equal(prefixEnd("/tcpnetlock/db/"), "/tcpnetlock/db0");
+  assert.equal(unb64(b64("/tcpnetlock/ünï")), "/tcpnetlock/ünï");
+});
+
+Deno.test({
+  name: "two servers on one etcd: a lock held through one is refused through the other",
+  ignore: !ETCD,
+  async fn() {
+    const prefix = newPrefix();
+    await using a = await etcdServer(prefix);
+    await using b = await etcdServer(prefix);
+    await using holder = await RawClient.connect(a.port);
+    assert.equal(await holder.request("lock,name:shared,client-id:on-a"), "ok");
+    assert.deepEqual(await exchange(b.port, "lock,name:shared\n"), ["not-granted"]);
+    assert.deepEqual(await exchange(b.port, "lock,name:shared,wait:0\n"), ["not-granted"]);
+    assert.deepEqual(await exchange(b.port, "lock,name:shared,limit:2,wait:0\n"), [
+      "err,limit mismatch",
+    ]);
+    // .locks through the other server shows the holder too (the whole cluster).
+    const [line] = await exchange(b.port, ".locks\n");
+    const locks = JSON.parse(line.slice("locks,".length));
+    assert.equal(locks.length, 1);
+    assert.equal(locks[0].holders[0].client_id, "on-a");
+    assert.equal(await holder.request("release"), "released");
+    // Released means released everywhere: the other server grants at once.
+    assert.deepEqual(await exchange(b.port, "lock,name:shared\nrelease\n"), ["ok", "released"]);
+  },
+});
+
+Deno.test({
+  name: "two servers on one etcd: waiters on both are granted in arrival order, tokens increase",
+  ignore: !ETCD,
+  async fn() {
+    const prefix = newPrefix();
+    await using a = await etcdServer(prefix);
+    await using b = await etcdServer(prefix);
+    const servers = [a, b];
+    const holder = await RawClient.connect(b.port);
+    const waiters: RawClient[] = [];
+    try {
+      let last = token(await holder.request("lock,name:q,wait:0"));
+      for (let i = 1; i <= 8; i++) {
+        const w = await RawClient.connect(servers[i % 2].port);
+        waiters.push(w);
+        // Arrival order is fixed by waiting for each one's queued line before the next asks.
+        assert.equal(
+          await w.request(`lock,name:q,wait:30,client-id:w${i}`),
+          `queued,position:${i}`,
+        );
+      }
+      assert.equal(await holder.request("release"), "released");
+      for (let i = 0; i < waiters.length; i++) {
+        let l = await waiters[i].line();
+        const seen = [];
+        while (l !== null && l.startsWith("queued,")) {
+          seen.push(l);
+          l = await waiters[i].line();
+        }
+        const t = token(l);
+        assert.ok(t > last, `waiter ${i + 1}: token ${t} after ${last}`);
+        last = t;
+        // Positions only go down, and the one before the grant was 1 (when any was sent).
+        if (seen.length > 0) assert.equal(seen.at(-1), "queued,position:1", `waiter ${i + 1}`);
+        // Nobody behind holds while this one does, as either server sees it.
+        for (const srv of servers) {
+          const [info] = JSON.parse((await exchange(srv.port, ".locks\n"))[0].slice(6));
+          assert.deepEqual(info.holders.map((h: { token: number }) => h.token), [t]);
+        }
+        assert.equal(await waiters[i].request("release"), "released");
+      }
+    } finally {
+      holder.close();
+      for (const w of waiters) w.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "a SIGKILLed server's lock passes to a waiter on another server within the lease ttl",
+  ignore: !ETCD,
+  async fn() {
+    const prefix = newPrefix();
+    const endpoints = (await sharedEtcd()).join(",");
+    await using doomed = await startServerProcess([
+      "--store",
+      "etcd",
+      "--etcd-endpoints",
+      endpoints,
+      "--etcd-prefix",
+      prefix,
+      "--etcd-lease-ttl",
+      "2",
+    ]);
+    await using survivor = await etcdServer(prefix, 2);
+    await using holder = await RawClient.connect(doomed.port);
+    const t1 = token(await holder.request("lock,name:job,wait:0,client-id:doomed"));
+    await using waiter = await RawClient.connect(survivor.port);
+    assert.equal(await waiter.request("lock,name:job,wait:30"), "queued,position:1");
+    const granted = timed(waiter.line());
+    const killedAt = performance.now();
+    await doomed.stop("SIGKILL");
+    const [reply, at] = await granted;
+    const t2 = token(reply);
+    assert.ok(t2 > t1, "the new holder's token is larger");
+    const passedMs = at - killedAt;
+    assert.ok(passedMs < 2000 + 2000, `passed on after ${Math.round(passedMs)} ms`);
+    assert.equal(await holder.line(), null, "the dead server's connection is gone");
+  },
+});
+
+Deno.test({
+  name: "etcd unreachable past the lease: holders get expired, waiters timeout, then it recovers",
+  ignore: !ETCD,
+  async fn() {
+    await using etcd = await startEtcd();
+    await using srv = await startTestServer({
+      etcd: { endpoints: etcd.endpoints, prefix: newPrefix(), leaseTtl: 2, timeoutMs: 500 },
+    });
+    await using holder = await RawClient.connect(srv.port);
+    token(await holder.request("lock,name:cut,wait:0"));
+    await using waiter = await RawClient.connect(srv.port);
+    assert.equal(await waiter.request("lock,name:cut,wait:60"), "queued,position:1");
+    const lost = timed(holder.line());
+    const killedAt = performance.now();
+    await etcd.kill(0);
+    const [line, at] = await lost;
+    assert.equal(line, "expired");
+    // Told before etcd could have let the lease run out (2 s after the last renewal).
+    assert.ok(at - killedAt < 2000, `expired after ${Math.round(at - killedAt)} ms`);
+    assert.equal((await timed(waiter.line()))[0], "timeout");
+    assert.deepEqual(await exchange(srv.port, "lock,name:other,wait:0\n"), [
+      "err,store unavailable",
+    ]);
+    const stats = JSON.parse((await exchange(srv.port, ".stats\n"))[0].slice(6));
+    assert.equal(stats.lock_expired_count, 1);
+    await etcd.restart(0);
+    // Back: the server gets a new lease (revoking the old one, whose keys go with it). Only
+    // trying tells when it is back.
+    const end = performance.now() + 10_000;
+    let reply: string[] = [];
+    while (performance.now() < end) {
+      reply = await exchange(srv.port, "lock,name:cut,wait:0\nrelease\n");
+      if (reply[0] !== "err,store unavailable") break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.match(reply[0], /^ok,token:\d+$/, `after etcd came back: ${reply}`);
+    assert.equal(reply[1], "released");
+  },
+});
+
+Deno.test({
+  name: "the server's --store etcd flags: bad combinations exit 2 with a clear message",
+  async fn() {
+    const run = async (args: string[]) => {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", `${ROOT}server.ts`, "--port", "0", ...args],
+        stdout: "null",
+        stderr: "piped",
+        env: { TCPNETLOCK_STORE: "" },
+      }).output();
+      return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+    };
+    let r = await run(["--etcd-endpoints", "http://127.0.0.1:2379"]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /--etcd-endpoints is for the etcd store: add --store etcd/);
+    r = await run(["--store", "redis"]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /--store: "redis" \(expected memory or etcd\)/);
+    r = await run(["--store", "etcd", "--etcd-endpoints", "127.0.0.1:2379"]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /expected http:\/\/HOST:PORT/);
+    r = await run(["--store", "etcd", "--etcd-username", "root"]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /--etcd-username needs --etcd-password-file/);
+    // Nothing answers there: the server says so and exits instead of pretending.
+    const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const closed = (l.addr as Deno.NetAddr).port;
+    l.close();
+    r = await run([
+      "--store",
+      "etcd",
+      "--etcd-endpoints",
+      `http://127.0.0.1:${closed}`,
+      "--etcd-timeout",
+      "0.5",
+    ]);
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /Cannot use etcd at http:\/\/127\.0\.0\.1:\d+/);
+  },
+});
+
+Deno.test({
+  name: "etcd with auth: the server logs in with --etcd-username and --etcd-password-file",
+  ignore: !ETCD,
+  async fn() {
+    await using etcd = await startEtcd();
+    // Set up a root user and turn auth on, through the JSON gateway as etcdctl would.
+    const api = async (path: string, body: unknown) => {
+      const res = await fetch(`${etcd.endpoints[0]}${path}`, {
+        method: "POST",
+        body: JSON.stringify(body),
+      });
+      const text = await res.text();
+      assert.ok(res.ok, `${path}: ${text}`);
+    };
+    await api("/v3/auth/user/add", { name: "root", password: "s3cret-pw" });
+    await api("/v3/auth/role/add", { name: "root" });
+    await api("/v3/auth/user/grant", { user: "root", role: "root" });
+    await api("/v3/auth/enable", {});
+    const dir = await Deno.makeTempDir();
+    try {
+      await Deno.writeTextFile(`${dir}/pw`, "s3cret-pw\n");
+      await using srv = await startServerProcess([
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        etcd.endpoints[0],
+        "--etcd-username",
+        "root",
+        "--etcd-password-file",
+        `${dir}/pw`,
+      ]);
+      assert.deepEqual(await exchange(srv.port, "lock,name:authed\nrelease\n"), ["ok", "released"]);
+      await Deno.writeTextFile(`${dir}/bad`, "wrong\n");
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: [
+          "run",
+          "-A",
+          `${ROOT}server.ts`,
+          "--port",
+          "0",
+          "--store",
+          "etcd",
+          "--etcd-endpoints",
+          etcd.endpoints[0],
+          "--etcd-username",
+          "root",
+          "--etcd-password-file",
+          `${dir}/bad`,
+        ],
+        stdout: "null",
+        stderr: "piped",
+      }).output();
+      assert.equal(out.code, 2);
+      assert.match(new TextDecoder().decode(out.stderr), /Cannot authenticate to etcd as "root"/);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
