@@ -1,0 +1,461 @@
+/**
+ * shell/tcpnetlock.sh, sourced by real bash scripts under `set -euo pipefail`, against a real
+ * server; and shellcheck on every shell file of the project.
+ */
+
+import assert from "node:assert/strict";
+import { RawClient, ROOT, startTestServer, type TestServer, until } from "./test_util.ts";
+
+const HELPER = `${ROOT}shell/tcpnetlock.sh`;
+
+/** The environment of a script: the test server, this deno, no TCPNETLOCK_* from the outside. */
+function env(port: number, vars: Record<string, string> = {}): Record<string, string> {
+  const clean: Record<string, string> = {};
+  for (const name of Object.keys(Deno.env.toObject())) {
+    if (name.startsWith("TCPNETLOCK_")) clean[name] = "";
+  }
+  return {
+    ...clean,
+    TCPNETLOCK_HOST: "127.0.0.1",
+    TCPNETLOCK_PORT: String(port),
+    TCPNETLOCK_DENO: Deno.execPath(),
+    NO_COLOR: "1",
+    ...vars,
+  };
+}
+
+/** A bash script that sources the helper first, running, its output read as it comes. */
+class Script implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  stdout = "";
+  stderr = "";
+  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
+  readonly #pumps: Promise<unknown>;
+  readonly #status: Promise<Deno.CommandStatus>;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  #stdinClosed = false;
+
+  /**
+   * @param body the script, after `set -euo pipefail` and sourcing the helper
+   * @param vars its environment
+   * @param name the lock it takes: what holds it is SIGKILLed at the end, should a test fail
+   * @param helper the helper to source
+   */
+  constructor(
+    body: string,
+    vars: Record<string, string>,
+    readonly name?: string,
+    helper = HELPER,
+  ) {
+    const script = `set -euo pipefail\nsource '${helper}'\n${body}\n`;
+    this.child = new Deno.Command("bash", {
+      args: ["-c", script, "test-script"],
+      env: vars,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#stdin = this.child.stdin.getWriter();
+    this.#status = this.child.status;
+    this.#pumps = Promise.all([
+      this.#pump(this.child.stdout, (t) => this.stdout += t),
+      this.#pump(this.child.stderr, (t) => this.stderr += t),
+    ]);
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+      add(text);
+      for (const w of [...this.#waiters]) {
+        if (w.test()) {
+          this.#waiters.splice(this.#waiters.indexOf(w), 1);
+          w.resolve();
+        }
+      }
+    }
+  }
+
+  /** Resolves once `test` holds on the output; rejects if the script ends first, or after 15 s. */
+  async until(test: (s: Script) => boolean, what: string): Promise<void> {
+    if (test(this)) return;
+    const seen = Promise.withResolvers<void>();
+    this.#waiters.push({ test: () => test(this), resolve: seen.resolve });
+    const ended = this.#status.then(() => this.#pumps).then(() => {
+      if (!test(this)) {
+        throw new Error(
+          `the script ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
+        );
+      }
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        reject(
+          new Error(
+            `timed out waiting for ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
+          ),
+        );
+      }, 15_000);
+    });
+    try {
+      await Promise.race([seen.promise, ended, late]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Writes a line to the script's stdin. */
+  async line(text = "go"): Promise<void> {
+    await this.#stdin.write(new TextEncoder().encode(text + "\n"));
+  }
+
+  async closeStdin(): Promise<void> {
+    if (this.#stdinClosed) return;
+    this.#stdinClosed = true;
+    await this.#stdin.close().catch(() => {});
+  }
+
+  async output(): Promise<
+    { code: number; signal: Deno.Signal | null; stdout: string; stderr: string }
+  > {
+    const status = await this.#status;
+    await this.closeStdin();
+    await this.#pumps;
+    return { code: status.code, signal: status.signal, stdout: this.stdout, stderr: this.stderr };
+  }
+
+  kill(signal: Deno.Signal): void {
+    this.child.kill(signal);
+  }
+
+  /** Waits for the script's exit (not for the processes that may still hold its output). */
+  async exited(): Promise<Deno.CommandStatus> {
+    return await this.#status;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already ended
+    }
+    await this.#status;
+    if (this.name !== undefined) killLeftovers(this.name, this.child.pid);
+    await this.closeStdin();
+    await this.output();
+  }
+}
+
+/** A lock name no other test uses, so that processes can be found by it. */
+function uniqueName(prefix: string): string {
+  return `${prefix}-${crypto.randomUUID().slice(0, 8)}`;
+}
+
+/**
+ * Pids of the live processes that hold or help hold lock `name` for the script `scriptPid`: the
+ * do.ts started with `--lock-name NAME`, lock_in_bg's holder (`sh -c ... tcpnetlock-holder
+ * SCRIPT_PID`) and whatever runs in the holder's process group (its `cat`).
+ */
+function holderProcesses(name: string, scriptPid?: number): number[] {
+  const procs: { pid: number; pgrp: number; args: string[] }[] = [];
+  for (const entry of Deno.readDirSync("/proc")) {
+    if (!/^\d+$/.test(entry.name)) continue;
+    try {
+      const args = Deno.readTextFileSync(`/proc/${entry.name}/cmdline`).split("\0");
+      const stat = Deno.readTextFileSync(`/proc/${entry.name}/stat`);
+      const [state, , pgrp] = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+      if (state !== "Z") procs.push({ pid: Number(entry.name), pgrp: Number(pgrp), args });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  // sh -c SCRIPT NAME ARG: the holder and the watchdog (not the do.ts whose command line ends so).
+  const shArg = (args: string[], name: string) =>
+    /(^|\/)sh$/.test(args[0]) && args[1] === "-c" && args[3] === name ? args[4] : undefined;
+  const self = ownGroup();
+  const groups = new Set(
+    procs.filter((p) => shArg(p.args, "tcpnetlock-holder") === String(scriptPid))
+      .map((p) => p.pgrp).filter((g) => g > 1 && g !== self),
+  );
+  return procs.filter((p) =>
+    p.pid !== Deno.pid && (
+      (p.args.some((a) => a.endsWith("do.ts")) &&
+        p.args.some((a, i) => a === "--lock-name" && p.args[i + 1] === name)) ||
+      groups.has(p.pgrp) || groups.has(Number(shArg(p.args, "tcpnetlock-watchdog")))
+    )
+  ).map((p) => p.pid);
+}
+
+/** The process group of this test process (never to be signalled). */
+function ownGroup(): number {
+  const stat = Deno.readTextFileSync("/proc/self/stat");
+  return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
+}
+
+/** SIGKILLs what a failed test may have left running for lock `name`. */
+function killLeftovers(name: string, scriptPid?: number): void {
+  for (const pid of holderProcesses(name, scriptPid)) {
+    try {
+      Deno.kill(pid, "SIGKILL");
+    } catch {
+      // gone meanwhile
+    }
+  }
+}
+
+function holders(srv: TestServer, name: string): number[] {
+  return srv.server.locks().find((l) => l.name === name)?.holders.map((h) => h.token) ?? [];
+}
+
+async function holdRaw(port: number, name: string): Promise<RawClient> {
+  const raw = await RawClient.connect(port);
+  assert.equal(await raw.request(`lock,name:${name}`), "ok");
+  return raw;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+Deno.test("shell: shellcheck finds nothing in any shell file of the project", async () => {
+  const probe = await new Deno.Command("sh", { args: ["-c", "command -v shellcheck"] }).output();
+  if (probe.code !== 0) {
+    console.log("skipped: shellcheck is not installed (CI installs it)");
+    return;
+  }
+  const files: string[] = [];
+  const walk = (dir: string) => {
+    for (const entry of Deno.readDirSync(`${ROOT}${dir}`)) {
+      const path = `${dir}${entry.name}`;
+      if (entry.isDirectory && ![".git", "node_modules", "bench"].includes(entry.name)) {
+        walk(`${path}/`);
+      } else if (entry.isFile) {
+        const head = Deno.readTextFileSync(`${ROOT}${path}`).slice(0, 100);
+        if (path.endsWith(".sh") || /^#!.*\b(ba)?sh\b/.test(head)) files.push(path);
+      }
+    }
+  };
+  walk("");
+  assert.ok(files.includes("shell/tcpnetlock.sh"), files.join(" "));
+  const out = await new Deno.Command("shellcheck", { args: files, cwd: ROOT }).output();
+  const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 0, `shellcheck ${files.join(" ")}:\n${text}`);
+});
+
+Deno.test("shell: run_with_lock returns the command's exit code under set -e", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("rwl");
+  await using s = new Script(
+    `run_with_lock ${name} sh -c 'echo "in $TCPNETLOCK_LOCK_NAME"'
+rc=0
+run_with_lock ${name} sh -c 'exit 7' || rc=$?
+echo "rc=$rc"
+run_with_lock ${name} false
+echo "not reached"`,
+    env(srv.port),
+  );
+  const out = await s.output();
+  assert.equal(out.code, 1, out.stderr); // set -e: the failed run_with_lock ends the script
+  assert.equal(out.stdout, `in ${name}\nrc=7\n`);
+});
+
+Deno.test("shell: two run_with_lock on one name: the second gets 123, or waits with --wait", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("pair");
+  try {
+    const holder = `run_with_lock ${name} sh -c 'echo running; read -r _'\necho finished`;
+    const other = `rc=0\nrun_with_lock ${name} echo ran || rc=$?\necho "rc=$rc"`;
+    {
+      await using first = new Script(holder, env(srv.port), name);
+      await first.until((s) => s.stdout.includes("running"), "the first holds the lock");
+      await using second = new Script(other, env(srv.port), name);
+      const out = await second.output();
+      assert.equal(out.code, 0, out.stderr);
+      assert.equal(out.stdout, "rc=123\n");
+      await first.line();
+      assert.equal((await first.output()).stdout, "running\nfinished\n");
+    }
+    // TCPNETLOCK_DO_OPTS passes --wait: the second waits for the first, then runs.
+    await using first = new Script(holder, env(srv.port), name);
+    await first.until((s) => s.stdout.includes("running"), "the first holds the lock");
+    await using second = new Script(
+      other,
+      env(srv.port, { TCPNETLOCK_DO_OPTS: "--wait 30" }),
+      name,
+    );
+    await second.until((s) => s.stderr.includes("position 1"), "the second waits");
+    await first.line();
+    assert.equal((await first.output()).code, 0);
+    const out = await second.output();
+    assert.equal(out.stdout, "ran\nrc=0\n", out.stderr);
+  } finally {
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: lock_in_bg holds the lock with its token, release_lock gives it back", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("bg");
+  try {
+    await using s = new Script(
+      `trap 'echo own-exit-trap' EXIT
+lock_in_bg ${name}
+echo "held $TCPNETLOCK_LOCK_NAME $TCPNETLOCK_FENCING_TOKEN"
+read -r _
+release_lock
+echo "released \${TCPNETLOCK_LOCK_NAME-unset}"
+trap -p EXIT
+read -r _`,
+      env(srv.port),
+      name,
+    );
+    await s.until((x) => x.stdout.includes("held"), "the lock is held");
+    const [, shownName, token] = s.stdout.trim().split(" ");
+    assert.equal(shownName, name);
+    assert.deepEqual(holders(srv, name), [Number(token)]);
+    assert.equal(holderProcesses(name, s.child.pid).length > 0, true);
+    await s.line();
+    await s.until((x) => x.stdout.includes("released"), "release_lock returned");
+    // Released before release_lock returned, and the holder is gone.
+    assert.deepEqual(holders(srv, name), []);
+    assert.deepEqual(holderProcesses(name, s.child.pid), []);
+    await s.line();
+    const out = await s.output();
+    assert.equal(out.code, 0, out.stderr);
+    // The script's own EXIT trap is back, and runs.
+    assert.match(out.stdout, /released unset\ntrap -- 'echo own-exit-trap' EXIT\nown-exit-trap\n$/);
+  } finally {
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: lock_in_bg leaves the script with 123 when the lock is held elsewhere", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("taken");
+  const raw = await holdRaw(srv.port, name);
+  try {
+    await using s = new Script(`lock_in_bg ${name}\necho "not reached"`, env(srv.port), name);
+    const out = await s.output();
+    assert.equal(out.code, 123, out.stderr);
+    assert.equal(out.stdout, "");
+    assert.match(out.stderr, /not granted/);
+    assert.deepEqual(holderProcesses(name, s.child.pid), []);
+  } finally {
+    raw.close();
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: a script killed by SIGTERM while holding leaves no lock and no process", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("term");
+  try {
+    await using s = new Script(
+      `lock_in_bg ${name}\necho held\nread -r _\necho "not reached"`,
+      env(srv.port),
+      name,
+    );
+    await s.until((x) => x.stdout.includes("held"), "the lock is held");
+    s.kill("SIGTERM");
+    const out = await s.output();
+    assert.equal(out.signal, "SIGTERM", out.stderr);
+    assert.equal(out.stdout, "held\n");
+    // The trap released the lock and waited for the holder before the script died.
+    assert.deepEqual(holders(srv, name), []);
+    assert.deepEqual(holderProcesses(name, s.child.pid), []);
+  } finally {
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: a script killed by SIGKILL while holding: the holder notices, frees the lock, exits", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("kill");
+  try {
+    await using s = new Script(`lock_in_bg ${name}\necho held\nread -r _`, env(srv.port), name);
+    await s.until((x) => x.stdout.includes("held"), "the lock is held");
+    s.kill("SIGKILL");
+    await s.exited();
+    // Nothing is left to tell: watch the server and the process table.
+    await until(() => holders(srv, name).length === 0, "the lock to be freed", 10_000);
+    await until(
+      () => holderProcesses(name, s.child.pid).length === 0,
+      "the holder to exit",
+      10_000,
+    );
+  } finally {
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: when lock_in_bg's lock is lost, the script leaves with 122", async () => {
+  const srv = await startTestServer();
+  const name = uniqueName("lost");
+  try {
+    await using s = new Script(
+      `lock_in_bg ${name}\necho held\nwhile :; do sleep 0.05; done`,
+      env(srv.port),
+      name,
+    );
+    await s.until((x) => x.stdout.includes("held"), "the lock is held");
+    await srv.server.close();
+    const out = await s.output();
+    assert.equal(out.code, 122, out.stderr);
+    assert.match(out.stderr, new RegExp(`lost lock "${name}"`));
+    assert.deepEqual(holderProcesses(name, s.child.pid), []);
+  } finally {
+    await srv.server.close();
+    killLeftovers(name);
+  }
+});
+
+Deno.test("shell: TCPNETLOCK_DENO and TCPNETLOCK_DO_OPTS; jsr:@x/tcpnetlock/do outside a checkout", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    // A stand-in for deno that records its arguments, one per line.
+    const fake = `${dir}/fake-deno`;
+    await Deno.writeTextFile(fake, `#!/bin/sh\nprintf '%s\\n' "$@" > '${dir}/args'\nexit 9\n`, {
+      mode: 0o755,
+    });
+    // Sourced from the checkout: the checkout's do.ts. IFS does not change the splitting, and a
+    // glob stays a word.
+    await using s = new Script(
+      `IFS=$'\\n\\t'\nrc=0\nrun_with_lock job echo "a b" || rc=$?\necho "rc=$rc"`,
+      env(1, { TCPNETLOCK_DENO: fake, TCPNETLOCK_DO_OPTS: " --wait  5\t--quiet *  " }),
+    );
+    const out = await s.output();
+    assert.equal(out.stdout, "rc=9\n", out.stderr);
+    assert.deepEqual((await Deno.readTextFile(`${dir}/args`)).trimEnd().split("\n"), [
+      "run",
+      "-A",
+      Deno.realPathSync(`${ROOT}do.ts`),
+      "--wait",
+      "5",
+      "--quiet",
+      "*",
+      "--lock-name",
+      "job",
+      "--",
+      "echo",
+      "a b",
+    ]);
+    // A copy of the helper away from the checkout runs the published do.ts.
+    await Deno.copyFile(HELPER, `${dir}/tcpnetlock.sh`);
+    await using copy = new Script(
+      `rc=0\nrun_with_lock job true || rc=$?\necho "rc=$rc"`,
+      env(1, { TCPNETLOCK_DENO: fake }),
+      undefined,
+      `${dir}/tcpnetlock.sh`,
+    );
+    assert.equal((await copy.output()).stdout, "rc=9\n");
+    assert.deepEqual((await Deno.readTextFile(`${dir}/args`)).trimEnd().split("\n"), [
+      "run",
+      "-A",
+      "jsr:@x/tcpnetlock/do",
+      "--lock-name",
+      "job",
+      "--",
+      "true",
+    ]);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
