@@ -42,8 +42,26 @@ export {
   ServerUnreachableError,
   TcpNetLockError,
 } from "./lib/errors.ts";
-export { ListenError, type LockServer, type ServerOptions, startServer } from "./lib/server.ts";
-export type { EndReason, TableEvent } from "./lib/lock_table.ts";
+export {
+  type EtcdServerOptions,
+  ListenError,
+  type LockServer,
+  type ServerOptions,
+  startServer,
+} from "./lib/server.ts";
+export type {
+  Claim,
+  ClaimHandler,
+  ClaimRequest,
+  EndReason,
+  LockStore,
+  Refusal,
+  TableCounters,
+  TableEvent,
+} from "./lib/lock_table.ts";
+export type { TokenSource } from "./lib/tokens.ts";
+export type { EtcdStoreOptions } from "./lib/etcd_store.ts";
+export type { EtcdClientOptions } from "./lib/etcd.ts";
 export {
   DEFAULT_HOST,
   DEFAULT_PORT,

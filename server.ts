@@ -30,15 +30,37 @@ import {
   secondsFlag,
   UsageError,
 } from "./lib/cli.ts";
+import { type HostPort, parseHostPort, startHttpServer } from "./lib/http.ts";
+import { STORE_FLAGS, storeFromFlags } from "./lib/etcd_flags.ts";
 import { levelFromFlags, setupLogging } from "./lib/log.ts";
+import { LockMetrics } from "./lib/metrics.ts";
 import { DEFAULT_HOST, DEFAULT_MAX_LINE, DEFAULT_PORT } from "./lib/protocol.ts";
 import { ListenError, type LockServer, type ServerOptions, startServer } from "./lib/server.ts";
 import { VERSION } from "./lib/version.ts";
 
-export { ListenError, type LockServer, type ServerOptions, startServer };
+export {
+  type EtcdServerOptions,
+  ListenError,
+  type LockServer,
+  type ServerOptions,
+  startServer,
+} from "./lib/server.ts";
+export type {
+  Claim,
+  ClaimHandler,
+  ClaimRequest,
+  EndReason,
+  LockStore,
+  Refusal,
+  TableCounters,
+  TableEvent,
+} from "./lib/lock_table.ts";
+export type { TokenSource } from "./lib/tokens.ts";
+export type { EtcdStoreOptions } from "./lib/etcd_store.ts";
+export type { EtcdClientOptions } from "./lib/etcd.ts";
 
 /** The server's flags; each also from the environment variable named. */
-export const SERVER_FLAGS: FlagSpec[] = [
+const SERVER_FLAGS: FlagSpec[] = [
   {
     name: "listen",
     type: "string",
@@ -142,11 +164,20 @@ export const SERVER_FLAGS: FlagSpec[] = [
     help: "the PEM private key of --tls-cert",
   },
   {
+    name: "http-listen",
+    type: "string",
+    arg: "HOST:PORT",
+    env: "TCPNETLOCK_HTTP_LISTEN",
+    default: "off",
+    help: "serve /metrics, /healthz, /readyz and /locks over HTTP here (:PORT: every IPv4 address)",
+  },
+  {
     name: "allow-remote-shutdown",
     type: "boolean",
     env: "TCPNETLOCK_ALLOW_REMOTE_SHUTDOWN",
     help: "obey .server-shutdown from any peer, not only loopback",
   },
+  ...STORE_FLAGS,
   { name: "help", type: "boolean", short: "h", help: "show this help and exit" },
   { name: "version", type: "boolean", help: "show the version and exit" },
 ];
@@ -169,7 +200,13 @@ Exit codes: 0 stopped by a signal or .server-shutdown; 2 bad usage or cannot lis
 export function parseServerArgs(
   args: string[],
 ):
-  | { options: ServerOptions; level: "debug" | "info" | "warning"; json: boolean }
+  | {
+    options: ServerOptions;
+    level: "debug" | "info" | "warning";
+    json: boolean;
+    /** Where to serve HTTP (`--http-listen`); absent when off. */
+    http?: { hostname: string; port: number };
+  }
   | "help"
   | "version" {
   const { values } = parseFlags(args, SERVER_FLAGS);
@@ -191,6 +228,8 @@ export function parseServerArgs(
     allowRemoteShutdown: values["allow-remote-shutdown"] === true,
     stateFile: values["state-file"] as string | undefined,
   };
+  const etcd = storeFromFlags(values);
+  if (etcd !== undefined) options.etcd = etcd;
   const tokenFile = values["auth-token-file"] as string | undefined;
   if (tokenFile !== undefined) {
     const token = readFlagFile(tokenFile, "the auth token file").trim();
@@ -211,10 +250,21 @@ export function parseServerArgs(
       key: readFlagFile(key, "the TLS key"),
     };
   }
+  let http: HostPort | undefined;
+  const httpListen = values["http-listen"] as string | undefined;
+  if (httpListen !== undefined) {
+    http = parseHostPort(httpListen);
+    if (http === undefined) {
+      throw new UsageError(
+        `Invalid value for --http-listen: "${httpListen}" (expected HOST:PORT, [IPV6]:PORT or :PORT)`,
+      );
+    }
+  }
   return {
     options,
     level: levelFromFlags({ debug: values.debug === true, info: values.info === true }),
     json: format === "json",
+    ...(http === undefined ? {} : { http }),
   };
 }
 
@@ -247,9 +297,12 @@ export async function main(args: string[]): Promise<number> {
     return 0;
   }
   setupLogging({ level: parsed.level, format: parsed.json ? "json" : "text" });
+  const options = parsed.options;
+  const metrics = parsed.http === undefined ? undefined : new LockMetrics();
+  if (metrics !== undefined) options.onEvent = metrics.onEvent;
   let server: LockServer;
   try {
-    server = await startServer(parsed.options);
+    server = await startServer(options);
   } catch (err) {
     if (err instanceof ListenError) {
       console.error(`tcpnetlock server: ${err.message}`);
@@ -258,6 +311,22 @@ export async function main(args: string[]): Promise<number> {
     console.error(`tcpnetlock server: ${err instanceof Error ? err.message : err}`);
     return 2;
   }
+  let http: { finished: Promise<void> } | undefined;
+  if (parsed.http !== undefined) {
+    try {
+      // It stops by itself when the lock server stops.
+      http = await startHttpServer(server, {
+        ...parsed.http,
+        metrics,
+        authToken: options.authToken,
+        tls: options.tls !== undefined,
+      });
+    } catch (err) {
+      await server.close();
+      console.error(`tcpnetlock server: ${err instanceof Error ? err.message : err}`);
+      return 2;
+    }
+  }
   const stop = () => {
     server.close();
   };
@@ -265,6 +334,7 @@ export async function main(args: string[]): Promise<number> {
   for (const s of signals) Deno.addSignalListener(s, stop);
   try {
     await server.finished;
+    await http?.finished;
   } finally {
     for (const s of signals) Deno.removeSignalListener(s, stop);
   }

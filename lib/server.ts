@@ -7,7 +7,8 @@
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import { getLogger } from "./log.ts";
-import { LockTable, type TableEvent } from "./lock_table.ts";
+import { EtcdStore, type EtcdStoreOptions } from "./etcd_store.ts";
+import { type LockStore, LockTable, type TableEvent } from "./lock_table.ts";
 import {
   DEFAULT_HOST,
   DEFAULT_MAX_LINE,
@@ -49,7 +50,15 @@ export interface ServerOptions {
   stateFile?: string;
   /** Told of every lock table event (metrics). */
   onEvent?: (event: TableEvent) => void;
+  /** Keep the locks in etcd (shared by every server on the same etcd and prefix), not in memory. */
+  etcd?: EtcdServerOptions;
 }
+
+/** The etcd store's own options (the limits come from {@linkcode ServerOptions}). */
+export type EtcdServerOptions = Omit<
+  EtcdStoreOptions,
+  "maxWait" | "maxWaiters" | "maxLocks" | "onEvent" | "now" | "wallNow"
+>;
 
 /** A running server. */
 export interface LockServer extends AsyncDisposable {
@@ -59,8 +68,8 @@ export interface LockServer extends AsyncDisposable {
   readonly port: number;
   /** Every address it listens on. */
   readonly addrs: Deno.NetAddr[];
-  /** The lock table. */
-  readonly table: LockTable;
+  /** The lock store: the in-memory table, or the etcd store. */
+  readonly table: LockStore;
   /** Resolves once the server has stopped (closed, or shut down by a client). */
   readonly finished: Promise<void>;
   /** What `.stats` answers. */
@@ -75,6 +84,7 @@ export interface LockServer extends AsyncDisposable {
 
 /** Raised when the server cannot listen; the message names the address. */
 export class ListenError extends Error {
+  /** An error with the message that names the address. */
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = "ListenError";
@@ -83,9 +93,7 @@ export class ListenError extends Error {
 
 const log = getLogger(["tcpnetlock", "server"]);
 const encoder = new TextEncoder();
-const TOO_MANY_CONNECTIONS = encoder.encode(
-  `${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`,
-);
+const TOO_MANY_CONNECTIONS = encoder.encode(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`);
 
 function secondsToMs(value: number | undefined, fallback: number): number {
   return value === undefined ? fallback : Math.max(0, value * 1000);
@@ -102,8 +110,15 @@ function readMaxRssKb(): number {
   return Math.round(Deno.memoryUsage().rss / 1024);
 }
 
-/** Logs table events: every grant, refusal, release and disconnect-release. */
+/**
+ * Logs table events at info level: grants, queueing, not-granted, refusals, timeouts, releases,
+ * expiries and disconnects. Every record carries `event`, `lock`, `client_id` (`-` when none) and
+ * `peer`; `token` where a grant exists; `waited_s` (granted, timeout, a waiter that left) or
+ * `held_s` (released, expired, a holder that disconnected).
+ */
 function logEvent(event: TableEvent): void {
+  // Nothing is built for a level that is off (the server's default level is warning).
+  if (!log.isEnabledFor("info")) return;
   const { claim } = event;
   const props = {
     event: event.type as string,
@@ -120,13 +135,10 @@ function logEvent(event: TableEvent): void {
       });
       break;
     case "queued":
-      log.debug(
-        "Lock {lock}: {client_id} at {peer} waits at position {position}",
-        {
-          ...props,
-          position: event.position,
-        },
-      );
+      log.info("Lock {lock}: {client_id} at {peer} waits at position {position}", {
+        ...props,
+        position: event.position,
+      });
       break;
     case "not_granted":
       log.info("Lock {lock} not granted to {client_id} at {peer}", props);
@@ -134,45 +146,41 @@ function logEvent(event: TableEvent): void {
     case "refused":
       log.info("Lock {lock} refused to {client_id} at {peer}: {reason}", {
         ...props,
-        event: "refused",
         reason: event.reason,
       });
       break;
     case "timeout":
-      log.info(
-        "Lock {lock}: the wait of {client_id} at {peer} ran out after {waited_s} s",
-        {
-          ...props,
-          waited_s: Math.round(event.waitedMs) / 1000,
-        },
-      );
+      log.info("Lock {lock}: the wait of {client_id} at {peer} ran out after {waited_s} s", {
+        ...props,
+        waited_s: Math.round(event.waitedMs) / 1000,
+      });
       break;
     case "ended": {
+      if (claim.token === 0) {
+        // A waiter left the queue (its connection ended, or the server stopped).
+        const waited_s = Math.round(performance.now() - claim.requestedAt) / 1000;
+        log.info("Lock {lock}: waiter {client_id} at {peer} left the queue after {waited_s} s", {
+          ...props,
+          event: "disconnected",
+          reason: event.reason,
+          waited_s,
+        });
+        break;
+      }
       const held_s = Math.round(event.heldMs) / 1000;
       const p = { ...props, event: event.reason, token: claim.token, held_s };
       if (event.reason === "released") {
-        log.info(
-          "Lock {lock} released by {client_id} at {peer} after {held_s} s",
-          p,
-        );
+        log.info("Lock {lock} released by {client_id} at {peer} after {held_s} s", p);
       } else if (event.reason === "expired") {
         log.info(
-          "Lock {lock} expired: {client_id} at {peer} sent nothing for its ttl",
+          "Lock {lock} expired: {client_id} at {peer} sent nothing for its ttl, held {held_s} s",
           p,
         );
-      } else if (claim.grantedAt > 0) {
+      } else {
         log.info(
           "Lock {lock} freed: the connection of {client_id} at {peer} ended after {held_s} s",
-          {
-            ...p,
-            event: "disconnected",
-          },
+          { ...p, event: "disconnected", reason: event.reason },
         );
-      } else {
-        log.debug("Lock {lock}: waiter {client_id} at {peer} left the queue", {
-          ...p,
-          event: "disconnected",
-        });
       }
       break;
     }
@@ -189,9 +197,7 @@ function logEvent(event: TableEvent): void {
  * console.log(`listening on port ${server.port}`);
  * ```
  */
-export async function startServer(
-  options: ServerOptions = {},
-): Promise<LockServer> {
+export async function startServer(options: ServerOptions = {}): Promise<LockServer> {
   const impl = new ServerImpl(options);
   await impl.listen();
   return impl;
@@ -199,7 +205,7 @@ export async function startServer(
 
 class ServerImpl implements LockServer, SessionHost {
   readonly hostname: string;
-  readonly table: LockTable;
+  readonly table: LockStore;
   readonly maxLine: number;
   readonly firstLineTimeoutMs: number;
   readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
@@ -221,26 +227,32 @@ class ServerImpl implements LockServer, SessionHost {
     this.#options = options;
     this.hostname = options.hostname ?? DEFAULT_HOST;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
-    this.firstLineTimeoutMs = Math.min(
-      2 ** 31 - 1,
-      secondsToMs(options.firstLineTimeout, 60_000),
-    );
+    this.firstLineTimeoutMs = Math.min(2 ** 31 - 1, secondsToMs(options.firstLineTimeout, 60_000));
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
-    this.checkAuth = options.authToken === undefined
-      ? undefined
-      : makeAuthCheck(options.authToken);
+    this.checkAuth = options.authToken === undefined ? undefined : makeAuthCheck(options.authToken);
     const onEvent = options.onEvent;
-    this.table = new LockTable({
-      tokens: new TokenSequence({ stateFile: options.stateFile }),
-      maxWait: options.maxWait,
-      maxWaiters: options.maxWaiters,
-      maxLocks: options.maxLocks,
-      onDeadline: (at) => this.#arm(at),
-      onEvent: onEvent === undefined ? logEvent : (e) => {
-        logEvent(e);
-        onEvent(e);
-      },
-    });
+    this.table = options.etcd !== undefined
+      ? new EtcdStore({
+        ...options.etcd,
+        maxWait: options.maxWait,
+        maxWaiters: options.maxWaiters,
+        maxLocks: options.maxLocks,
+        onEvent: onEvent === undefined ? logEvent : (e) => {
+          logEvent(e);
+          onEvent(e);
+        },
+      })
+      : new LockTable({
+        tokens: new TokenSequence({ stateFile: options.stateFile }),
+        maxWait: options.maxWait,
+        maxWaiters: options.maxWaiters,
+        maxLocks: options.maxLocks,
+        onDeadline: (at) => this.#arm(at),
+        onEvent: onEvent === undefined ? logEvent : (e) => {
+          logEvent(e);
+          onEvent(e);
+        },
+      });
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
   }
 
@@ -257,12 +269,12 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   async listen(): Promise<void> {
+    // A store with a backing service (etcd) connects first; it cleans up after itself on failure.
+    await this.table.start?.();
     const wanted = this.#options.port ?? DEFAULT_PORT;
     // "localhost" may resolve to 127.0.0.1 or to ::1 depending on the machine: listen on both,
     // on the same port, so that a client on its defaults finds the server either way.
-    const hosts = this.hostname === "localhost"
-      ? ["127.0.0.1", "::1"]
-      : [this.hostname];
+    const hosts = this.hostname === "localhost" ? ["127.0.0.1", "::1"] : [this.hostname];
     for (let attempt = 0;; attempt++) {
       try {
         this.#listeners = [];
@@ -279,15 +291,12 @@ class ServerImpl implements LockServer, SessionHost {
         for (const l of this.#listeners) l.close();
         this.#listeners = [];
         // With port 0 the second address can be taken by chance: pick another port.
-        if (
-          wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10
-        ) continue;
+        if (wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10) continue;
+        await this.table.close?.();
         throw this.#listenError(err);
       }
     }
-    for (const listener of this.#listeners) {
-      this.#accepting.push(this.#acceptLoop(listener));
-    }
+    for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
     log.info("tcpnetlock {version} listening on {address}", {
       event: "started",
       version: VERSION,
@@ -301,28 +310,15 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   /** Listens on one address; for an optional one (::1 of localhost), undefined when it has none. */
-  #listenOne(
-    host: string,
-    port: number,
-    optional: boolean,
-  ): Deno.Listener | undefined {
+  #listenOne(host: string, port: number, optional: boolean): Deno.Listener | undefined {
     try {
       const tls = this.#options.tls;
       return tls
-        ? Deno.listenTls({
-          hostname: host,
-          port,
-          cert: tls.cert,
-          key: tls.key,
-          transport: "tcp",
-        })
+        ? Deno.listenTls({ hostname: host, port, cert: tls.cert, key: tls.key, transport: "tcp" })
         : Deno.listen({ hostname: host, port, transport: "tcp" });
     } catch (err) {
       if (optional && !(err instanceof Deno.errors.AddrInUse)) {
-        log.debug("Not listening on {host}: {error}", {
-          host,
-          error: String(err),
-        });
+        log.debug("Not listening on {host}: {error}", { host, error: String(err) });
         return undefined;
       }
       throw err;
@@ -332,22 +328,13 @@ class ServerImpl implements LockServer, SessionHost {
   #listenError(err: unknown): ListenError {
     const where = `${this.hostname}:${this.#options.port ?? DEFAULT_PORT}`;
     if (err instanceof Deno.errors.AddrInUse) {
-      return new ListenError(
-        `Cannot listen on "${where}": address already in use`,
-        { cause: err },
-      );
+      return new ListenError(`Cannot listen on "${where}": address already in use`, { cause: err });
     }
     if (err instanceof Deno.errors.AddrNotAvailable) {
-      return new ListenError(
-        `Cannot listen on "${where}": address not available`,
-        { cause: err },
-      );
+      return new ListenError(`Cannot listen on "${where}": address not available`, { cause: err });
     }
     const text = err instanceof Error ? err.message : String(err);
-    return new ListenError(
-      `Cannot listen on "${where}": ${text.split("\n")[0]}`,
-      { cause: err },
-    );
+    return new ListenError(`Cannot listen on "${where}": ${text.split("\n")[0]}`, { cause: err });
   }
 
   async #acceptLoop(listener: Deno.Listener): Promise<void> {
@@ -356,9 +343,7 @@ class ServerImpl implements LockServer, SessionHost {
       try {
         conn = await listener.accept();
       } catch (err) {
-        if (
-          this.#closing !== undefined || err instanceof Deno.errors.BadResource
-        ) return;
+        if (this.#closing !== undefined || err instanceof Deno.errors.BadResource) return;
         // Out of file descriptors and the like: say so, wait a little, and go on accepting.
         log.warning("Accept failed on {address}: {error}", {
           event: "accept_failed",
@@ -396,9 +381,7 @@ class ServerImpl implements LockServer, SessionHost {
         reason: "too many connections",
         max,
       });
-      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(
-        () => {},
-      ).finally(
+      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(() => {}).finally(
         () => {
           try {
             conn.close();
@@ -420,15 +403,15 @@ class ServerImpl implements LockServer, SessionHost {
     return JSON.stringify(this.stats());
   }
 
-  locksJson(): string {
-    return JSON.stringify(this.locks());
+  locksJson(): string | Promise<string> {
+    // The etcd store answers once its view includes this server's own latest changes.
+    const settled = this.table.settled?.();
+    if (settled === undefined) return JSON.stringify(this.locks());
+    return settled.then(() => JSON.stringify(this.locks()));
   }
 
   requestShutdown(remote: string): void {
-    log.warning("Shutting down: asked by {peer}", {
-      event: "shutdown",
-      peer: remote,
-    });
+    log.warning("Shutting down: asked by {peer}", { event: "shutdown", peer: remote });
     // Let the reply go out first.
     setTimeout(() => this.close(), 0);
   }
@@ -480,6 +463,8 @@ class ServerImpl implements LockServer, SessionHost {
     for (const s of [...this.#sessions]) s.shutdown();
     if (this.#timer !== undefined) clearTimeout(this.#timer);
     this.#timer = undefined;
+    // The etcd store deletes its keys (revokes its lease) and disconnects.
+    await this.table.close?.();
     log.info("Stopped", { event: "stopped" });
     this.#resolveFinished();
   }
@@ -495,10 +480,7 @@ class ServerImpl implements LockServer, SessionHost {
     if (this.#timer !== undefined) clearTimeout(this.#timer);
     this.#timerAt = at;
     // setTimeout cannot wait longer than 2^31-1 ms; a later deadline is re-armed when it fires.
-    const delay = Math.min(
-      2 ** 31 - 1,
-      Math.max(0, Math.ceil(at - performance.now())),
-    );
+    const delay = Math.min(2 ** 31 - 1, Math.max(0, Math.ceil(at - performance.now())));
     this.#timer = setTimeout(() => this.#fire(), delay);
   }
 

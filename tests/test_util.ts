@@ -17,8 +17,27 @@ export interface TestServer extends AsyncDisposable {
   hostname: string;
 }
 
-/** Starts an in-process server on 127.0.0.1 and a free port: `await using srv = await startTestServer()`. */
+/** The store `startTestServer` uses: `TCPNETLOCK_TEST_STORE=etcd` runs the tests against etcd. */
+export function testStore(): "memory" | "etcd" {
+  return Deno.env.get("TCPNETLOCK_TEST_STORE") === "etcd" ? "etcd" : "memory";
+}
+
+/**
+ * Starts an in-process server on 127.0.0.1 and a free port: `await using srv = await startTestServer()`.
+ * With `TCPNETLOCK_TEST_STORE=etcd` it keeps its locks in etcd (one member shared by the test
+ * process, see tests/etcd_util.ts), under a prefix of its own.
+ */
 export async function startTestServer(options: ServerOptions = {}): Promise<TestServer> {
+  if (options.etcd === undefined && testStore() === "etcd") {
+    const { sharedEtcd } = await import("./etcd_util.ts");
+    options = {
+      etcd: {
+        endpoints: await sharedEtcd(),
+        prefix: `/tcpnetlock-test/${crypto.randomUUID().slice(0, 8)}`,
+      },
+      ...options,
+    };
+  }
   const server = await startServer({ hostname: "127.0.0.1", port: 0, ...options });
   return {
     server,
