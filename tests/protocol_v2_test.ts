@@ -20,7 +20,7 @@ async function readUntil(c: RawClient, re: RegExp): Promise<string[]> {
   }
 }
 
-Deno.test("ten waiters are granted strictly in arrival order, with position updates", async () => {
+Deno.test("ten waiters are granted strictly in arrival order; positions only go down", async () => {
   await using srv = await startTestServer();
   const holder = await RawClient.connect(srv.port);
   let last = token(await holder.request("lock,name:q,wait:0"));
@@ -34,11 +34,19 @@ Deno.test("ten waiters are granted strictly in arrival order, with position upda
     }
     assert.equal(await holder.request("release"), "released");
     for (let i = 0; i < 10; i++) {
-      // Waiter i+1 has seen positions i+1, i, ..., 1 and then its grant.
+      // Waiter i+1 has seen only positions smaller than its first one, strictly decreasing
+      // (moves within 50 ms are folded into one line with the newest position), then its grant.
       const lines = await readUntil(waiters[i], /^ok,/);
-      const expected = [];
-      for (let p = i; p >= 1; p--) expected.push(`queued,position:${p}`);
-      assert.deepEqual(lines.slice(0, -1), expected, `waiter ${i + 1}`);
+      const positions = lines.slice(0, -1).map((l) => {
+        const m = /^queued,position:(\d+)$/.exec(l);
+        assert.ok(m, `waiter ${i + 1}: unexpected line ${l}`);
+        return Number(m[1]);
+      });
+      let above = i + 1;
+      for (const p of positions) {
+        assert.ok(p < above && p >= 1, `waiter ${i + 1}: positions ${positions}`);
+        above = p;
+      }
       const t = token(lines.at(-1)!);
       assert.ok(t > last, "tokens increase");
       last = t;
@@ -49,6 +57,37 @@ Deno.test("ten waiters are granted strictly in arrival order, with position upda
   } finally {
     holder.close();
     for (const w of waiters) w.close();
+  }
+});
+
+Deno.test("every position update arrives as predecessors leave, at most one per 50 ms", async () => {
+  await using srv = await startTestServer();
+  await using holder = await RawClient.connect(srv.port);
+  assert.equal(await holder.request("lock,name:pos"), "ok");
+  const ahead: RawClient[] = [];
+  try {
+    for (let i = 1; i <= 5; i++) {
+      const c = await RawClient.connect(srv.port);
+      ahead.push(c);
+      assert.equal(await c.request("lock,name:pos,wait:30"), `queued,position:${i}`);
+    }
+    await using last = await RawClient.connect(srv.port);
+    const sent = performance.now();
+    assert.equal(await last.request("lock,name:pos,wait:30"), "queued,position:6");
+    // Five moves in quick succession: the last waiter hears of them, the newest one included.
+    for (const c of ahead) c.close();
+    const seen: number[] = [];
+    while (seen.at(-1) !== 1) {
+      const m = /^queued,position:(\d+)$/.exec((await last.line()) ?? "");
+      assert.ok(m);
+      seen.push(Number(m[1]));
+    }
+    assert.ok(seen.length < 5, `moves folded into fewer lines: ${seen}`);
+    assert.ok(performance.now() - sent >= 45, "no second line within the interval");
+    assert.equal(await holder.request("release"), "released");
+    token(await last.line());
+  } finally {
+    for (const c of ahead) c.close();
   }
 });
 
