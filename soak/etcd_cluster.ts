@@ -193,7 +193,8 @@ clearTimeout(timer);
 if (!stopped) {
   console.error("clients stuck:", JSON.stringify(doing.map((d, i) => `c${i}: ${d}`), null, 1));
   for (const s of servers) console.error(JSON.stringify(s.locks()), JSON.stringify(s.stats()));
-  Deno.exit(1);
+  // Throwing (not Deno.exit) lets `await using` stop the etcd members.
+  throw new Error("clients did not stop within 15 s");
 }
 for (const s of servers) await s.close();
 
@@ -233,4 +234,5 @@ const summary = {
 };
 console.log(JSON.stringify(summary, null, 2));
 const ok = overlaps === 0 && tokenOrder === 0 && resumes.every((r) => r <= RESUME_MS);
-Deno.exit(ok ? 0 : 1);
+// Not Deno.exit(): the etcd members are stopped when `etcd` goes out of scope.
+Deno.exitCode = ok ? 0 : 1;

@@ -165,6 +165,8 @@ export async function startEtcd(options: { members?: number } = {}): Promise<Etc
     }).spawn();
     members[i].child = child;
     statuses.set(i, child.status);
+    // For the watchdog (below): `exec` made the shell's pid etcd's.
+    Deno.writeTextFileSync(`${root}/m${i}.pid`, String(child.pid));
   };
   const kill = async (i: number, signal: Deno.Signal = "SIGKILL") => {
     const child = members[i].child;
@@ -176,6 +178,7 @@ export async function startEtcd(options: { members?: number } = {}): Promise<Etc
     }
     await statuses.get(i);
     members[i].child = undefined;
+    await Deno.remove(`${root}/m${i}.pid`).catch(() => {});
   };
   const healthy = async (timeoutMs = 15_000) => {
     await Promise.all(
@@ -186,6 +189,19 @@ export async function startEtcd(options: { members?: number } = {}): Promise<Etc
     for (let i = 0; i < members.length; i++) await kill(i);
     await Deno.remove(root, { recursive: true }).catch(() => {});
   };
+  // Should this process die without disposing (SIGKILL, Deno.exit), a detached watchdog kills
+  // the members it started (by the pids in their files) and removes their data.
+  await new Deno.Command("sh", {
+    args: [
+      "-c",
+      `( while kill -0 ${Deno.pid} 2>/dev/null; do sleep 1; done; ` +
+      `for f in ${shellQuote(root)}/*.pid; do kill -9 "$(cat "$f")"; done; sleep 0.5; ` +
+      `rm -rf ${shellQuote(root)} ) >/dev/null 2>&1 </dev/null &`,
+    ],
+    stdin: "null",
+    stdout: "null",
+    stderr: "null",
+  }).output();
   try {
     for (let i = 0; i < count; i++) spawn(i);
     await healthy();
