@@ -110,6 +110,10 @@ export class Session implements ClaimHandler {
   #endReason: EndReason = "disconnected";
   /** Lines from the holder are answered one after another through this chain. */
   #heldChain: Promise<void> = Promise.resolve();
+  /** The connection's line reader (set by `run`). */
+  #reader: LineReader | undefined;
+  /** True while `run` waits for the next line. */
+  #reading = false;
   /** Set once a last reply is on its way. */
   #finishing: Promise<void> | undefined;
 
@@ -127,17 +131,22 @@ export class Session implements ClaimHandler {
   /** Runs the connection to its end. Never throws. */
   async run(): Promise<void> {
     const reader = new LineReader(this.#conn, this.#host.maxLine);
+    this.#reader = reader;
     try {
       this.#timer = setTimeout(() => {
         this.#timer = undefined;
         this.#close();
       }, this.#host.firstLineTimeoutMs);
+      this.#reading = true;
       const first = await reader.next();
+      this.#reading = false;
       clearTimeout(this.#timer);
       this.#timer = undefined;
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
+        this.#reading = true;
         const next = await reader.next();
+        this.#reading = false;
         if (next.kind === "eof") break;
         if (next.kind !== "line") {
           this.#finish(Reply.BAD_REQUEST);
@@ -432,6 +441,13 @@ export class Session implements ClaimHandler {
     this.#state = "closing";
     try {
       await written;
+      if (!this.#reading && this.#reader?.buffered === 0) {
+        // Everything the peer sent has been read and answered: close at once (FIN). Only a
+        // peer with unread input left (pipelined lines, an over-long line) or a reply sent
+        // while its next line may be arriving gets the half-close and the drain below.
+        this.#close();
+        return;
+      }
       await this.#conn.closeWrite();
     } catch {
       this.#close();
