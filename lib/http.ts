@@ -17,7 +17,7 @@
  */
 
 import { createHash, timingSafeEqual } from "node:crypto";
-import { getLogger } from "./log.ts";
+import { getLogger, startupLog } from "./log.ts";
 import { LockMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import { ListenError, type LockServer } from "./server.ts";
 
@@ -184,7 +184,7 @@ export function startHttpServer(
   }
 
   const address = formatHostPort(server.addr);
-  log.info("http listening on {address}", {
+  startupLog.info("http listening on {address}", {
     event: "http_started",
     address,
     port: server.addr.port,

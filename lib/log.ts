@@ -113,10 +113,20 @@ export function setupLogging(options: LogOptions = {}): void {
     sinks: { stderr: (record: LogRecord) => write(formatter(record)) },
     loggers: [
       { category: ["tcpnetlock"], lowestLevel: options.level ?? "warning", sinks: ["stderr"] },
+      // Where a program listens is always said, whatever the level.
+      {
+        category: ["tcpnetlock", "startup"],
+        lowestLevel: "info",
+        sinks: ["stderr"],
+        parentSinks: "override",
+      },
       { category: ["logtape", "meta"], lowestLevel: "error", sinks: ["stderr"] },
     ],
   });
 }
+
+/** The logger for start-up lines (where a program listens): written at every level. */
+export const startupLog: Logger = getLogger(["tcpnetlock", "startup"]);
 
 /** Turns the original's `--debug` / `--info` flags into a level. */
 export function levelFromFlags(

@@ -6,7 +6,7 @@
  */
 
 import { createHash, timingSafeEqual } from "node:crypto";
-import { getLogger } from "./log.ts";
+import { getLogger, startupLog } from "./log.ts";
 import { EtcdStore, type EtcdStoreOptions } from "./etcd_store.ts";
 import { type LockStore, LockTable, type TableEvent } from "./lock_table.ts";
 import {
@@ -297,7 +297,7 @@ class ServerImpl implements LockServer, SessionHost {
       }
     }
     for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
-    log.info("tcpnetlock {version} listening on {address}", {
+    startupLog.info("tcpnetlock {version} listening on {address}", {
       event: "started",
       version: VERSION,
       address: this.addrs.map((a) =>
