@@ -160,8 +160,6 @@ export function parseReply(line: string): ReplyLine {
   return { word, rest, fields };
 }
 
-const encoder = new TextEncoder();
-
 /** True when `name` is a valid lock name: the pattern {@linkcode LOCK_NAME_RE}, at most 255 bytes. */
 export function isValidLockName(name: string): boolean {
   // The pattern is ASCII-only, so the string length is the byte length.
@@ -190,11 +188,6 @@ export function parsePositiveInt(text: string): number | undefined {
   if (!/^\d+$/.test(text)) return undefined;
   const value = Number(text);
   return Number.isSafeInteger(value) && value >= 1 ? value : undefined;
-}
-
-/** The byte length of a string in UTF-8. */
-export function utf8Length(text: string): number {
-  return encoder.encode(text).length;
 }
 
 /**

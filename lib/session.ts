@@ -123,11 +123,6 @@ export class Session implements ClaimHandler {
     this.remote = formatRemote(conn.remoteAddr);
   }
 
-  /** The client id given with a lock request, if any. */
-  get clientId(): string {
-    return this.#claim?.request.clientId ?? "";
-  }
-
   /** Runs the connection to its end. Never throws. */
   async run(): Promise<void> {
     const reader = new LineReader(this.#conn, this.#host.maxLine);
