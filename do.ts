@@ -631,10 +631,9 @@ async function run(
       if (isNotGranted(e)) {
         if (attempt < config.retry) {
           attempt++;
-          const left = config.retry - attempt;
           out.note(
             `${message(e)}; trying again in ${config.retryWait} s ` +
-              `(${left} ${left === 1 ? "retry" : "retries"} left after that)`,
+              `(try ${attempt + 1} of ${config.retry + 1})`,
           );
           await pause(config.retryWait, signals.interrupt.signal);
           if (signals.received !== undefined) return signalExit(signals.received);
@@ -688,6 +687,9 @@ async function run(
   }
   signals.group = group;
   log.info(`Running the command (pid ${group.pid}) under lock "${name}"`);
+  if (config.onLockLoss === "kill") {
+    void group.watchdogArmed.then(() => log.debug(`Watchdog armed for process group ${group.pid}`));
+  }
 
   const held = lock;
   const lost = new Promise<unknown>((resolve) => {

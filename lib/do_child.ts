@@ -9,9 +9,11 @@
  *
  * A process that has left do.ts's session is not stopped with it: if do.ts itself is killed with
  * SIGKILL (which it cannot forward), the command would run on without the lock. A watchdog guards
- * against that: a tiny `sh`, in a session of its own, reading a pipe that only do.ts holds. When
- * the command ends, do.ts writes `done` and the watchdog leaves; when do.ts dies, the pipe ends
- * and the watchdog stops the command's group itself: SIGTERM, then SIGKILL after the grace time.
+ * against that: a tiny `sh`, in a session of its own, started before the command, reading a pipe
+ * that only do.ts holds. do.ts writes the command's group id to it as soon as the command runs;
+ * when the command ends, do.ts writes `done` and the watchdog leaves; when do.ts dies, the pipe
+ * ends and the watchdog stops the command's group itself: SIGTERM, then SIGKILL after the grace
+ * time. (If do.ts dies before the group id reached the pipe, the watchdog cannot act.)
  *
  * POSIX only (Linux, macOS): `detached` and negative pids have no meaning on Windows.
  *
@@ -45,6 +47,12 @@ export interface ProcessGroup {
    * gone (or, past SIGKILL, after a short while: SIGKILL cannot be refused).
    */
   stop(graceMs: number): Promise<void>;
+  /**
+   * Resolves once the watchdog knows the group (it was told the group id), at once without a
+   * watchdog. Until then, do.ts dying would leave the command running: the window is as short as
+   * one write to a pipe.
+   */
+  readonly watchdogArmed: Promise<void>;
   /** Sends the watchdog away (if there is one) and waits for it to leave. */
   dismissWatchdog(): Promise<void>;
 }
@@ -59,17 +67,19 @@ export interface SpawnOptions {
 }
 
 /**
- * The watchdog, run by `sh` with the group id and the grace time in tenths of a second. A line
- * `done` sends it away; the end of its stdin means do.ts died.
+ * The watchdog, run by `sh` with the grace time in tenths of a second. Its first line is the
+ * group to guard; then a line `done` sends it away, while the end of its stdin means do.ts died.
+ * It is started before the command, so that it is ready when the command starts.
  */
-const WATCHDOG = `IFS= read -r line || line=
+const WATCHDOG = `IFS= read -r pgid || exit 0
+IFS= read -r line || line=
 [ "$line" = done ] && exit 0
-kill -s TERM -- "-$1" 2>/dev/null || exit 0
-echo "tcpnetlock do: do.ts is gone: stopping the command it ran (process group $1)" >&2
-kill -s CONT -- "-$1" 2>/dev/null
-n=$2
-while [ "$n" -gt 0 ] && kill -s 0 -- "-$1" 2>/dev/null; do sleep 0.1; n=$((n - 1)); done
-kill -s KILL -- "-$1" 2>/dev/null
+kill -s TERM -- "-$pgid" 2>/dev/null || exit 0
+echo "tcpnetlock do: do.ts is gone: stopping the command it ran (process group $pgid)" >&2
+kill -s CONT -- "-$pgid" 2>/dev/null
+n=$1
+while [ "$n" -gt 0 ] && kill -s 0 -- "-$pgid" 2>/dev/null; do sleep 0.1; n=$((n - 1)); done
+kill -s KILL -- "-$pgid" 2>/dev/null
 exit 0`;
 
 /**
@@ -89,15 +99,55 @@ export function spawnGroup(
   env: Record<string, string>,
   options: SpawnOptions = {},
 ): ProcessGroup {
-  const child = new Deno.Command(program, {
-    args,
-    env,
-    stdin: "inherit",
-    stdout: "inherit",
-    stderr: "inherit",
-    detached: true,
-  }).spawn();
+  let watchdog: { process: Deno.ChildProcess; stdin: WritableStreamDefaultWriter } | undefined;
+  if (options.watchdogGraceMs !== undefined) {
+    try {
+      const process = new Deno.Command("sh", {
+        args: [
+          "-c",
+          WATCHDOG,
+          "tcpnetlock-watchdog",
+          String(Math.ceil(options.watchdogGraceMs / 100)),
+        ],
+        stdin: "piped",
+        stdout: "null",
+        stderr: "inherit",
+        detached: true,
+      }).spawn();
+      watchdog = { process, stdin: process.stdin.getWriter() };
+    } catch {
+      // No sh: run without a watchdog.
+    }
+  }
+  const tell = (line: string, close: boolean): Promise<void> => {
+    if (watchdog === undefined) return Promise.resolve();
+    const { stdin } = watchdog;
+    return (async () => {
+      try {
+        if (line !== "") await stdin.write(new TextEncoder().encode(line));
+        if (close) await stdin.close();
+      } catch {
+        // it is gone already
+      }
+    })();
+  };
+
+  let child: Deno.ChildProcess;
+  try {
+    child = new Deno.Command(program, {
+      args,
+      env,
+      stdin: "inherit",
+      stdout: "inherit",
+      stderr: "inherit",
+      detached: true,
+    }).spawn();
+  } catch (e) {
+    void tell("", true); // the end of its stdin before a group: it leaves
+    throw e;
+  }
   const pgid = child.pid;
+  const armed = tell(`${pgid}\n`, false);
   let exited = false;
   const status = child.status.then((s) => {
     exited = true;
@@ -127,38 +177,12 @@ export function spawnGroup(
     return signal("SIGCONT");
   };
 
-  let watchdog: Deno.ChildProcess | undefined;
-  if (options.watchdogGraceMs !== undefined) {
-    try {
-      watchdog = new Deno.Command("sh", {
-        args: [
-          "-c",
-          WATCHDOG,
-          "tcpnetlock-watchdog",
-          String(pgid),
-          String(Math.ceil(options.watchdogGraceMs / 100)),
-        ],
-        stdin: "piped",
-        stdout: "null",
-        stderr: "inherit",
-        detached: true,
-      }).spawn();
-    } catch {
-      // No sh: run without a watchdog.
-    }
-  }
   let dismissed: Promise<void> | undefined;
   const dismissWatchdog = (): Promise<void> => {
     dismissed ??= (async () => {
-      if (watchdog === undefined) return;
-      const writer = watchdog.stdin.getWriter();
-      try {
-        await writer.write(new TextEncoder().encode("done\n"));
-        await writer.close();
-      } catch {
-        // it is gone already
-      }
-      await watchdog.status;
+      await armed;
+      await tell("done\n", true);
+      await watchdog?.process.status;
     })();
     return dismissed;
   };
@@ -187,6 +211,7 @@ export function spawnGroup(
     signal: (sig) => void signal(sig),
     alive,
     stop,
+    watchdogArmed: armed,
     dismissWatchdog,
   };
 }

@@ -39,14 +39,14 @@ if [[ -n $_tnl_here && -f $_tnl_here/do.ts ]]; then
 fi
 unset _tnl_here
 
-# State of lock_in_bg.
-_tnl_pid=
-_tnl_name=
-_tnl_dir=
-_tnl_in=
-_tnl_out=
-_tnl_saved_traps=
-_tnl_env_saved=
+# State of lock_in_bg (kept if the helper is sourced again).
+_tnl_pid=${_tnl_pid-}
+_tnl_name=${_tnl_name-}
+_tnl_dir=${_tnl_dir-}
+_tnl_in=${_tnl_in-}
+_tnl_out=${_tnl_out-}
+_tnl_saved_traps=${_tnl_saved_traps-}
+_tnl_env_saved=${_tnl_env_saved-}
 
 # What lock_in_bg runs under the lock: says "granted TOKEN" on stdout, then waits until its stdin
 # ends (release_lock, or the script died). Killed by do.ts because the lock was lost (SIGTERM),

@@ -707,10 +707,12 @@ Deno.test("do: do.ts SIGKILLed: its watchdog stops the command's group (SIGKILL 
   await using srv = await startTestServer();
   const script = 'trap "" TERM; sleep 300 </dev/null >/dev/null 2>&1 & echo $$ $!; wait';
   await using p = new DoProcess(
-    ["--lock-name", "orphan", "--kill-after", "1", "--shell", "--", script],
+    ["--debug", "--lock-name", "orphan", "--kill-after", "1", "--shell", "--", script],
     env(srv.port),
   );
   await p.until((x) => x.stdout.includes("\n"), "the command started");
+  // Once the watchdog knows the group (a pipe write after the start; until then it cannot act)
+  await p.until((x) => x.stderr.includes("Watchdog armed"), "the watchdog is armed");
   const pids = p.stdout.trim().split(" ").map(Number);
   p.groups.push(pids[0]);
   try {
