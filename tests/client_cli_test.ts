@@ -4,7 +4,7 @@
 
 import assert from "node:assert/strict";
 import { LockClient } from "../client.ts";
-import { ROOT, startTestServer, until } from "./test_util.ts";
+import { Program, ROOT, startTestServer, until } from "./test_util.ts";
 
 const CLIENT = `${ROOT}client.ts`;
 
@@ -38,74 +38,9 @@ async function cli(args: string[], vars: Record<string, string> = {}): Promise<O
 }
 
 /** A CLI process that runs on (`hold`), with its output read as it comes. */
-class Running implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  stdout = "";
-  stderr = "";
-  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
-  readonly #pumps: Promise<unknown>;
-  readonly #status: Promise<Deno.CommandStatus>;
-
+class Running extends Program {
   constructor(args: string[], vars: Record<string, string> = {}) {
-    this.child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", CLIENT, ...args],
-      env: env(vars),
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#status = this.child.status;
-    this.#pumps = Promise.all([
-      this.#pump(this.child.stdout, (t) => this.stdout += t),
-      this.#pump(this.child.stderr, (t) => this.stderr += t),
-    ]);
-  }
-
-  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
-    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
-      add(text);
-      for (const w of [...this.#waiters]) {
-        if (w.test()) {
-          this.#waiters.splice(this.#waiters.indexOf(w), 1);
-          w.resolve();
-        }
-      }
-    }
-  }
-
-  /** Resolves once `test` holds on the output; rejects if the process ends first. */
-  async until(test: (self: Running) => boolean, what: string): Promise<void> {
-    if (test(this)) return;
-    const seen = Promise.withResolvers<void>();
-    this.#waiters.push({ test: () => test(this), resolve: seen.resolve });
-    const ended = this.#status.then(() => this.#pumps).then(() => {
-      if (!test(this)) {
-        throw new Error(
-          `the client ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
-        );
-      }
-    });
-    await Promise.race([seen.promise, ended]);
-  }
-
-  /** Waits for the exit and the end of the output. */
-  async output(): Promise<Output> {
-    const status = await this.#status;
-    await this.#pumps;
-    return { code: status.code, stdout: this.stdout, stderr: this.stderr };
-  }
-
-  kill(signal: Deno.Signal): void {
-    this.child.kill(signal);
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already ended
-    }
-    await this.output();
+    super(Deno.execPath(), ["run", "-A", CLIENT, ...args], { env: env(vars), label: "the client" });
   }
 }
 

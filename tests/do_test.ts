@@ -6,6 +6,8 @@ import assert from "node:assert/strict";
 import { lockNameFromCommand } from "../do.ts";
 import {
   makeTlsFixture,
+  Program,
+  type ProgramOutput,
   RawClient,
   ROOT,
   startServerProcess,
@@ -31,116 +33,27 @@ function env(port: number, vars: Record<string, string> = {}): Record<string, st
   };
 }
 
-interface Output {
-  code: number;
-  signal: Deno.Signal | null;
-  stdout: string;
-  stderr: string;
-}
-
 /** do.ts running, its output read as it comes. */
-class DoProcess implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  stdout = "";
-  stderr = "";
-  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
-  readonly #pumps: Promise<unknown>;
-  readonly #status: Promise<Deno.CommandStatus>;
-  readonly #stdin: WritableStreamDefaultWriter<Uint8Array> | undefined;
+class DoProcess extends Program {
+  /** Process groups of commands this do.ts runs, SIGKILLed at the end in case a test failed. */
+  readonly groups: number[] = [];
 
+  /** `argv` replaces `deno run -A do.ts`; `stdin` pipes do.ts's stdin (which the command inherits). */
   constructor(
     args: string[],
     vars: Record<string, string>,
     options: { stdin?: boolean; argv?: string[] } = {},
   ) {
     const [program, ...rest] = options.argv ?? [Deno.execPath(), "run", "-A", DO];
-    this.child = new Deno.Command(program, {
-      args: [...rest, ...args],
+    super(program, [...rest, ...args], {
       env: vars,
-      stdin: options.stdin ? "piped" : "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#stdin = options.stdin ? this.child.stdin.getWriter() : undefined;
-    this.#status = this.child.status;
-    this.#pumps = Promise.all([
-      this.#pump(this.child.stdout, (t) => this.stdout += t),
-      this.#pump(this.child.stderr, (t) => this.stderr += t),
-    ]);
-  }
-
-  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
-    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
-      add(text);
-      for (const w of [...this.#waiters]) {
-        if (w.test()) {
-          this.#waiters.splice(this.#waiters.indexOf(w), 1);
-          w.resolve();
-        }
-      }
-    }
-  }
-
-  /** Resolves once `test` holds on the output; rejects if the process ends first, or after 15 s. */
-  async until(test: (p: DoProcess) => boolean, what: string): Promise<void> {
-    if (test(this)) return;
-    const seen = Promise.withResolvers<void>();
-    this.#waiters.push({ test: () => test(this), resolve: seen.resolve });
-    const ended = this.#status.then(() => this.#pumps).then(() => {
-      if (!test(this)) {
-        throw new Error(
-          `do.ts ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
-        );
-      }
+      stdin: options.stdin,
+      label: "do.ts",
+      timeoutMs: 15_000,
     });
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        reject(
-          new Error(
-            `timed out waiting for ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
-          ),
-        );
-      }, 15_000);
-    });
-    try {
-      await Promise.race([seen.promise, ended, late]);
-    } finally {
-      clearTimeout(timer);
-    }
   }
 
-  /** Writes to do.ts's stdin (which the command inherits). */
-  async write(text: string): Promise<void> {
-    await this.#stdin!.write(new TextEncoder().encode(text));
-  }
-
-  /** Closes do.ts's stdin. */
-  async closeStdin(): Promise<void> {
-    await this.#stdin?.close().catch(() => {});
-  }
-
-  /** Waits for the exit and the end of the output. */
-  async output(): Promise<Output> {
-    const status = await this.#status;
-    await this.#pumps;
-    await this.closeStdin();
-    return { code: status.code, signal: status.signal, stdout: this.stdout, stderr: this.stderr };
-  }
-
-  kill(signal: Deno.Signal): void {
-    this.child.kill(signal);
-  }
-
-  /** Process groups of commands this do.ts runs, SIGKILLed at the end in case a test failed. */
-  readonly groups: number[] = [];
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already ended
-    }
+  protected override cleanUp(): Promise<void> {
     const stat = Deno.readTextFileSync("/proc/self/stat");
     const self = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[2]);
     for (const pgid of this.groups) {
@@ -152,13 +65,12 @@ class DoProcess implements AsyncDisposable {
         // gone
       }
     }
-    await this.closeStdin();
-    await this.output();
+    return Promise.resolve();
   }
 }
 
 /** Runs do.ts to its end. */
-async function runDo(args: string[], vars: Record<string, string>): Promise<Output> {
+async function runDo(args: string[], vars: Record<string, string>): Promise<ProgramOutput> {
   await using p = new DoProcess(args, vars);
   return await p.output();
 }

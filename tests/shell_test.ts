@@ -4,7 +4,7 @@
  */
 
 import assert from "node:assert/strict";
-import { RawClient, ROOT, startTestServer, type TestServer, until } from "./test_util.ts";
+import { Program, RawClient, ROOT, startTestServer, type TestServer, until } from "./test_util.ts";
 
 const HELPER = `${ROOT}shell/tcpnetlock.sh`;
 
@@ -25,16 +25,7 @@ function env(port: number, vars: Record<string, string> = {}): Record<string, st
 }
 
 /** A bash script that sources the helper first, running, its output read as it comes. */
-class Script implements AsyncDisposable {
-  readonly child: Deno.ChildProcess;
-  stdout = "";
-  stderr = "";
-  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
-  readonly #pumps: Promise<unknown>;
-  readonly #status: Promise<Deno.CommandStatus>;
-  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
-  #stdinClosed = false;
-
+class Script extends Program {
   /**
    * @param body the script, after `set -euo pipefail` and sourcing the helper
    * @param vars its environment
@@ -47,102 +38,22 @@ class Script implements AsyncDisposable {
     readonly name?: string,
     helper = HELPER,
   ) {
-    const script = `set -euo pipefail\nsource '${helper}'\n${body}\n`;
-    this.child = new Deno.Command("bash", {
-      args: ["-c", script, "test-script"],
+    super("bash", ["-c", `set -euo pipefail\nsource '${helper}'\n${body}\n`, "test-script"], {
       env: vars,
-      stdin: "piped",
-      stdout: "piped",
-      stderr: "piped",
-    }).spawn();
-    this.#stdin = this.child.stdin.getWriter();
-    this.#status = this.child.status;
-    this.#pumps = Promise.all([
-      this.#pump(this.child.stdout, (t) => this.stdout += t),
-      this.#pump(this.child.stderr, (t) => this.stderr += t),
-    ]);
-  }
-
-  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
-    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
-      add(text);
-      for (const w of [...this.#waiters]) {
-        if (w.test()) {
-          this.#waiters.splice(this.#waiters.indexOf(w), 1);
-          w.resolve();
-        }
-      }
-    }
-  }
-
-  /** Resolves once `test` holds on the output; rejects if the script ends first, or after 15 s. */
-  async until(test: (s: Script) => boolean, what: string): Promise<void> {
-    if (test(this)) return;
-    const seen = Promise.withResolvers<void>();
-    this.#waiters.push({ test: () => test(this), resolve: seen.resolve });
-    const ended = this.#status.then(() => this.#pumps).then(() => {
-      if (!test(this)) {
-        throw new Error(
-          `the script ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
-        );
-      }
+      stdin: true,
+      label: "the script",
+      timeoutMs: 15_000,
     });
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const late = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => {
-        reject(
-          new Error(
-            `timed out waiting for ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
-          ),
-        );
-      }, 15_000);
-    });
-    try {
-      await Promise.race([seen.promise, ended, late]);
-    } finally {
-      clearTimeout(timer);
-    }
   }
 
   /** Writes a line to the script's stdin. */
   async line(text = "go"): Promise<void> {
-    await this.#stdin.write(new TextEncoder().encode(text + "\n"));
+    await this.write(text + "\n");
   }
 
-  async closeStdin(): Promise<void> {
-    if (this.#stdinClosed) return;
-    this.#stdinClosed = true;
-    await this.#stdin.close().catch(() => {});
-  }
-
-  async output(): Promise<
-    { code: number; signal: Deno.Signal | null; stdout: string; stderr: string }
-  > {
-    const status = await this.#status;
-    await this.closeStdin();
-    await this.#pumps;
-    return { code: status.code, signal: status.signal, stdout: this.stdout, stderr: this.stderr };
-  }
-
-  kill(signal: Deno.Signal): void {
-    this.child.kill(signal);
-  }
-
-  /** Waits for the script's exit (not for the processes that may still hold its output). */
-  async exited(): Promise<Deno.CommandStatus> {
-    return await this.#status;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    try {
-      this.child.kill("SIGKILL");
-    } catch {
-      // already ended
-    }
-    await this.#status;
+  protected override async cleanUp(): Promise<void> {
+    await this.exited();
     if (this.name !== undefined) killLeftovers(this.name, this.child.pid);
-    await this.closeStdin();
-    await this.output();
   }
 }
 

@@ -247,6 +247,161 @@ export async function until(
   }
 }
 
+/** What a {@linkcode Program} printed, and how it ended. */
+export interface ProgramOutput {
+  code: number;
+  signal: Deno.Signal | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** How to run a {@linkcode Program}. */
+export interface ProgramOptions {
+  /** Added to this process's environment. */
+  env?: Record<string, string>;
+  cwd?: string;
+  /** Pipe stdin, to be fed with `write()` (default: /dev/null). */
+  stdin?: boolean;
+  /** What error messages call it ("the client ended before ..."); default the command. */
+  label?: string;
+  /** The default timeout of `until()`; none when not given. */
+  timeoutMs?: number;
+}
+
+/**
+ * A subprocess whose stdout and stderr are read into strings as they come, so that a test can
+ * wait for what it printed (`until`), then collect its exit and whole output (`output`).
+ * `await using` SIGKILLs it (after `cleanUp()`, a hook for subclasses) and waits for its end.
+ */
+export class Program implements AsyncDisposable {
+  readonly child: Deno.ChildProcess;
+  readonly label: string;
+  stdout = "";
+  stderr = "";
+  readonly #waiters: { test: () => boolean; resolve: () => void }[] = [];
+  readonly #pumps: Promise<unknown>;
+  readonly #status: Promise<Deno.CommandStatus>;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array> | undefined;
+  readonly #timeoutMs: number | undefined;
+  #stdinClosed = false;
+
+  constructor(command: string, args: string[], options: ProgramOptions = {}) {
+    this.label = options.label ?? command;
+    this.#timeoutMs = options.timeoutMs;
+    this.child = new Deno.Command(command, {
+      args,
+      env: options.env,
+      cwd: options.cwd,
+      stdin: options.stdin ? "piped" : "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#stdin = options.stdin ? this.child.stdin.getWriter() : undefined;
+    this.#status = this.child.status;
+    this.#pumps = Promise.all([
+      this.#pump(this.child.stdout, (t) => this.stdout += t),
+      this.#pump(this.child.stderr, (t) => this.stderr += t),
+    ]);
+  }
+
+  async #pump(stream: ReadableStream<Uint8Array>, add: (text: string) => void): Promise<void> {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) {
+      add(text);
+      for (const w of [...this.#waiters]) {
+        if (w.test()) {
+          this.#waiters.splice(this.#waiters.indexOf(w), 1);
+          w.resolve();
+        }
+      }
+    }
+  }
+
+  /**
+   * Resolves once `test` holds on the output; rejects if the program ends first, or after
+   * `timeoutMs` (default: the one of the options, else no timeout).
+   */
+  async until(
+    test: (p: this) => boolean,
+    what: string,
+    timeoutMs: number | undefined = this.#timeoutMs,
+  ): Promise<void> {
+    if (test(this)) return;
+    const seen = Promise.withResolvers<void>();
+    const waiter = { test: () => test(this), resolve: seen.resolve };
+    this.#waiters.push(waiter);
+    const ended = this.#status.then(() => this.#pumps).then(() => {
+      if (!test(this)) {
+        throw new Error(
+          `${this.label} ended before ${what}:\nstdout: ${this.stdout}\nstderr: ${this.stderr}`,
+        );
+      }
+    });
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = timeoutMs === undefined ? [] : [
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => {
+          reject(
+            new Error(
+              `timed out after ${timeoutMs} ms waiting for ${what} from ${this.label}:\n` +
+                `stdout: ${this.stdout}\nstderr: ${this.stderr}`,
+            ),
+          );
+        }, timeoutMs);
+      }),
+    ];
+    try {
+      await Promise.race([seen.promise, ended, ...late]);
+    } finally {
+      clearTimeout(timer);
+      const i = this.#waiters.indexOf(waiter);
+      if (i >= 0) this.#waiters.splice(i, 1);
+    }
+  }
+
+  /** Writes to the program's stdin (only with `stdin: true`). */
+  async write(text: string): Promise<void> {
+    if (this.#stdin === undefined) throw new Error(`${this.label} has no piped stdin`);
+    await this.#stdin.write(new TextEncoder().encode(text));
+  }
+
+  /** Closes the program's stdin, if piped (again is a no-op). */
+  async closeStdin(): Promise<void> {
+    if (this.#stdin === undefined || this.#stdinClosed) return;
+    this.#stdinClosed = true;
+    await this.#stdin.close().catch(() => {});
+  }
+
+  /** Waits for the exit (not for the processes that may still hold its output). */
+  async exited(): Promise<Deno.CommandStatus> {
+    return await this.#status;
+  }
+
+  /** Waits for the exit, closes stdin, waits for the end of the output. */
+  async output(): Promise<ProgramOutput> {
+    const status = await this.#status;
+    await this.closeStdin();
+    await this.#pumps;
+    return { code: status.code, signal: status.signal, stdout: this.stdout, stderr: this.stderr };
+  }
+
+  kill(signal: Deno.Signal): void {
+    this.child.kill(signal);
+  }
+
+  /** Run on disposal, once the program was sent SIGKILL: subclasses kill what it left. */
+  protected async cleanUp(): Promise<void> {}
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    try {
+      this.child.kill("SIGKILL");
+    } catch {
+      // already ended
+    }
+    await this.cleanUp();
+    await this.output();
+  }
+}
+
 /** A throwaway CA and a server certificate it signed, for `localhost` and 127.0.0.1. */
 export interface TlsFixture {
   /** PEM of the CA certificate (what clients trust). */
