@@ -10,6 +10,7 @@
  * deno task bench --runs 3         # medians of three runs (what the README reports)
  * deno task bench --quick          # tiny counts: checks that it all works, figures mean little
  * deno task bench --only held      # one scenario (or several: --only cycles,handover)
+ * deno task bench --only etcd      # the cycle scenario with --store etcd (needs Debian's etcd)
  * ```
  *
  * Scenarios: `cycles` (lock+release per second and latency at 1, 16 and 64 clients), `handover`
@@ -49,7 +50,7 @@ const LIMIT_FLAGS = [
   "--max-waiters",
   "100000",
 ];
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do"] as const;
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd"] as const;
 type Scenario = typeof SCENARIOS[number];
 const LETTERS: Record<string, Scenario> = {
   a: "cycles",
@@ -57,6 +58,7 @@ const LETTERS: Record<string, Scenario> = {
   c: "held",
   d: "ready",
   e: "do",
+  f: "etcd",
 };
 const REEXEC_ENV = "TCPNETLOCK_BENCH_REEXEC";
 const encoder = new TextEncoder();
@@ -478,7 +480,18 @@ interface DoResult {
   examples: string[];
 }
 
+/** The cycle scenario with the etcd store (bench/etcd_cycles.ts), against the memory store. */
+interface EtcdResult {
+  skipped?: string;
+  /** Cycles per second at 16 clients: memory store, etcd store (one member). */
+  memory: number | null;
+  etcd: number | null;
+  etcdP99: number | null;
+  errors: number;
+}
+
 interface RunResult {
+  etcd?: EtcdResult;
   cycles?: Pair<CyclesResult[]>;
   handover?: Pair<HandoverResult> & { referenceCyclesPerSecond: number | null };
   held?: Pair<HeldResult>;
@@ -754,6 +767,52 @@ async function scenarioDo(ctx: Context): Promise<DoResult> {
   }
 }
 
+/**
+ * Runs bench/etcd_cycles.ts (its own etcd member and servers) when Debian's etcd is installed:
+ * lock+release cycles at 16 clients with `--store etcd` and with the memory store.
+ */
+async function scenarioEtcd(ctx: Context): Promise<EtcdResult> {
+  const none: EtcdResult = { memory: null, etcd: null, etcdP99: null, errors: 0 };
+  const which = await new Deno.Command("sh", { args: ["-c", "command -v etcd"], stdout: "null" })
+    .output();
+  if (!which.success) return { ...none, skipped: "etcd is not installed" };
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      `${ROOT}bench/etcd_cycles.ts`,
+      "--json",
+      "--clients",
+      "16",
+      "--duration-s",
+      ctx.opts.quick ? "0.5" : "3",
+      "--warmup-s",
+      ctx.opts.quick ? "0.1" : "0.5",
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    const text = decoder.decode(out.stderr).trim().slice(-300);
+    return { ...none, errors: 1, skipped: `bench/etcd_cycles.ts failed: ${text}` };
+  }
+  const report = JSON.parse(decoder.decode(out.stdout)) as {
+    rows: { setup: string; rate: number; p99: number; errors: number }[];
+  };
+  const memory = report.rows.find((r) => r.setup === "memory");
+  const etcd = report.rows.find((r) => r.setup.startsWith("etcd"));
+  const result = {
+    memory: memory?.rate ?? null,
+    etcd: etcd?.rate ?? null,
+    etcdP99: etcd?.p99 ?? null,
+    errors: report.rows.reduce((n, r) => n + r.errors, 0),
+  };
+  progress(
+    `etcd: ${result.etcd} cycles/s against ${result.memory} in memory, ${result.errors} errors`,
+  );
+  return result;
+}
+
 /** The server's `lock_acquired_count` from `.stats`, or an error text. */
 async function grantCount(target: Target): Promise<number | string> {
   const lines = new LineConn();
@@ -1011,6 +1070,27 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
       target: "0",
       check: (o) => o === 0,
     },
+    {
+      scenario: "etcd",
+      metric: "cycles/s, 16 clients, --store etcd (floor: memory store)",
+      unit: "/s",
+      get: (r) => ({ ours: r.etcd?.etcd, floor: r.etcd?.memory }),
+    },
+    {
+      scenario: "etcd",
+      metric: "cycle p99, 16 clients, --store etcd",
+      unit: "ms",
+      get: (r) => ({ ours: r.etcd?.etcdP99 }),
+    },
+    {
+      scenario: "etcd",
+      metric: "etcd errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.etcd?.skipped && !r.etcd.errors ? null : r.etcd?.errors }),
+      target: "0",
+      check: (o) => o === 0,
+    },
   );
   return specs;
 }
@@ -1170,6 +1250,10 @@ export async function main(args: string[]): Promise<number> {
         case "do":
           run.do = await scenarioDo(ctx);
           if (run.do.skipped) note(`do: skipped, ${run.do.skipped}`);
+          break;
+        case "etcd":
+          run.etcd = await scenarioEtcd(ctx);
+          if (run.etcd.skipped) note(`etcd: skipped, ${run.etcd.skipped}`);
           break;
       }
     }
