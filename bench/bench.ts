@@ -1270,6 +1270,7 @@ export async function main(args: string[]): Promise<number> {
     const errs = errorRows.find((r) => r.scenario === s);
     scenarios[s] = {
       ...(s === "do" && runs[0].do?.skipped ? { skipped: runs[0].do.skipped } : {}),
+      ...(s === "etcd" && runs[0].etcd?.skipped ? { skipped: runs[0].etcd.skipped } : {}),
       errors: { ours: errs?.ours ?? null, floor: errs?.floor ?? null },
       runs: runs.map((r) => r[s]),
     };

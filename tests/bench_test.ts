@@ -6,7 +6,7 @@
 
 import { ROOT } from "./test_util.ts";
 
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do"];
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd"];
 
 interface ScenarioReport {
   skipped?: string;
