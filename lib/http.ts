@@ -16,7 +16,7 @@
  * @module
  */
 
-import { createHash, timingSafeEqual } from "node:crypto";
+import { tokenMatcher } from "./auth.ts";
 import { getLogger, startupLog } from "./log.ts";
 import { LockMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import { ListenError, type LockServer } from "./server.ts";
@@ -242,16 +242,15 @@ function listenError(where: string, err: unknown): ListenError {
 }
 
 /**
- * A constant-time check of an `Authorization` header against `Bearer TOKEN`: both tokens are
- * hashed, then compared. `missing` when there is no Bearer token at all.
+ * A constant-time check of an `Authorization` header against `Bearer TOKEN`. `missing` when
+ * there is no Bearer token at all.
  */
 function makeBearerCheck(token: string): (header: string | null) => "ok" | "missing" | "wrong" {
-  const want = createHash("sha256").update(token).digest();
+  const matches = tokenMatcher(token);
   return (header) => {
     const m = header === null ? null : /^\s*Bearer\s+(\S+)\s*$/i.exec(header);
     if (m === null) return "missing";
-    const got = createHash("sha256").update(m[1]).digest();
-    return timingSafeEqual(want, got) ? "ok" : "wrong";
+    return matches(m[1]) ? "ok" : "wrong";
   };
 }
 

@@ -5,7 +5,7 @@
  * @module
  */
 
-import { createHash, timingSafeEqual } from "node:crypto";
+import { tokenMatcher } from "./auth.ts";
 import { getLogger, startupLog } from "./log.ts";
 import { EtcdStore, type EtcdStoreOptions } from "./etcd_store.ts";
 import { type LockStore, LockTable, type TableEvent } from "./lock_table.ts";
@@ -229,7 +229,7 @@ class ServerImpl implements LockServer, SessionHost {
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
     this.firstLineTimeoutMs = Math.min(2 ** 31 - 1, secondsToMs(options.firstLineTimeout, 60_000));
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
-    this.checkAuth = options.authToken === undefined ? undefined : makeAuthCheck(options.authToken);
+    this.checkAuth = options.authToken === undefined ? undefined : tokenMatcher(options.authToken);
     const onEvent = options.onEvent;
     this.table = options.etcd !== undefined
       ? new EtcdStore({
@@ -491,13 +491,4 @@ class ServerImpl implements LockServer, SessionHost {
     const next = this.table.nextDeadline();
     if (next !== undefined) this.#arm(next);
   }
-}
-
-/** A constant-time check of an auth token: both sides are hashed, then compared. */
-function makeAuthCheck(token: string): (given: string | undefined) => boolean {
-  const want = createHash("sha256").update(token).digest();
-  return (given) => {
-    const got = createHash("sha256").update(given ?? "").digest();
-    return timingSafeEqual(want, got) && given !== undefined;
-  };
 }
