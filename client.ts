@@ -96,9 +96,9 @@ export {
   type Stats,
 } from "./lib/protocol.ts";
 
-/** The `.locks` reply lists every lock on one line: up to 16 MiB (allocated for that call only). */
+/** The `.locks` reply lists every lock on one line: accepted up to 16 MiB (the buffer grows as needed). */
 const LOCKS_MAX_LINE = 16 * 1024 * 1024;
-/** Every other reply is short. */
+/** Every other reply is short: a longer line is a protocol error. */
 const SHORT_MAX_LINE = 64 * 1024;
 /** The default {@linkcode LockClientOptions.connectTimeout}, in milliseconds. */
 const DEFAULT_CONNECT_TIMEOUT = 10_000;
