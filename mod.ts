@@ -50,18 +50,19 @@ export {
   startServer,
 } from "./lib/server.ts";
 export type {
-  Claim,
   ClaimHandler,
   ClaimRequest,
+  ClaimState,
+  ClaimView,
   EndReason,
   LockStore,
   Refusal,
-  TableCounters,
-  TableEvent,
-} from "./lib/lock_table.ts";
+  StoreCounters,
+  StoreEvent,
+} from "./lib/store/types.ts";
 export type { TokenSource } from "./lib/tokens.ts";
-export type { EtcdStoreOptions } from "./lib/etcd_store.ts";
-export type { EtcdClientOptions } from "./lib/etcd.ts";
+export type { EtcdStoreOptions } from "./lib/etcd/store.ts";
+export type { EtcdClientOptions } from "./lib/etcd/client.ts";
 export {
   DEFAULT_HOST,
   DEFAULT_PORT,

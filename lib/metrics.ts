@@ -18,7 +18,7 @@
  * @module
  */
 
-import type { TableEvent } from "./lock_table.ts";
+import type { StoreEvent } from "./store/types.ts";
 import type { LockServer } from "./server.ts";
 import { VERSION } from "./version.ts";
 
@@ -112,10 +112,10 @@ export class LockMetrics {
   readonly waitTime: DurationHistogram = new DurationHistogram();
 
   /** Pass this as `ServerOptions.onEvent` (it is bound to this object). */
-  readonly onEvent: (event: TableEvent) => void = (event) => this.observe(event);
+  readonly onEvent: (event: StoreEvent) => void = (event) => this.observe(event);
 
   /** Counts one lock table event. */
-  observe(event: TableEvent): void {
+  observe(event: StoreEvent): void {
     switch (event.type) {
       case "granted":
         this.#granted++;
@@ -198,7 +198,7 @@ export class LockMetrics {
       "counter",
       "Fencing tokens handed out (one per grant).",
     );
-    out.sample("tcpnetlock_tokens_issued_total", table.tokens.issued);
+    out.sample("tcpnetlock_tokens_issued_total", table.tokensIssued);
 
     out.histogram(
       "tcpnetlock_lock_hold_seconds",

@@ -7,8 +7,9 @@
 
 import { tokenMatcher } from "./auth.ts";
 import { getLogger, startupLog } from "./log.ts";
-import { EtcdStore, type EtcdStoreOptions } from "./etcd_store.ts";
-import { type LockStore, LockTable, type TableEvent } from "./lock_table.ts";
+import { EtcdStore, type EtcdStoreOptions } from "./etcd/store.ts";
+import { MemoryStore } from "./store/memory_store.ts";
+import type { LockStore, StoreEvent } from "./store/types.ts";
 import {
   DEFAULT_HOST,
   DEFAULT_MAX_LINE,
@@ -48,8 +49,8 @@ export interface ServerOptions {
   allowRemoteShutdown?: boolean;
   /** Keep the fencing token high-water mark in this file. */
   stateFile?: string;
-  /** Told of every lock table event (metrics). */
-  onEvent?: (event: TableEvent) => void;
+  /** Told of every lock store event (metrics). */
+  onEvent?: (event: StoreEvent) => void;
   /** Keep the locks in etcd (shared by every server on the same etcd and prefix), not in memory. */
   etcd?: EtcdServerOptions;
 }
@@ -57,7 +58,7 @@ export interface ServerOptions {
 /** The etcd store's own options (the limits come from {@linkcode ServerOptions}). */
 export type EtcdServerOptions = Omit<
   EtcdStoreOptions,
-  "maxWait" | "maxWaiters" | "maxLocks" | "onEvent" | "now" | "wallNow"
+  "maxWait" | "maxWaiters" | "maxLocks" | "onEvent" | "clock" | "client"
 >;
 
 /** A running server. */
@@ -116,7 +117,7 @@ function readMaxRssKb(): number {
  * `peer`; `token` where a grant exists; `waited_s` (granted, timeout, a waiter that left) or
  * `held_s` (released, expired, a holder that disconnected).
  */
-function logEvent(event: TableEvent): void {
+function logEvent(event: StoreEvent): void {
   // Nothing is built for a level that is off (the server's default level is warning).
   if (!log.isEnabledFor("info")) return;
   const { claim } = event;
@@ -217,8 +218,6 @@ class ServerImpl implements LockServer, SessionHost {
   #accepting: Promise<void>[] = [];
   #resolveFinished!: () => void;
   #closing: Promise<void> | undefined;
-  #timer: ReturnType<typeof setTimeout> | undefined;
-  #timerAt = Infinity;
   #requests = 0;
   #startedAt = performance.now();
   #port = 0;
@@ -231,28 +230,18 @@ class ServerImpl implements LockServer, SessionHost {
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
     this.checkAuth = options.authToken === undefined ? undefined : tokenMatcher(options.authToken);
     const onEvent = options.onEvent;
+    const book = {
+      maxWait: options.maxWait,
+      maxWaiters: options.maxWaiters,
+      maxLocks: options.maxLocks,
+      onEvent: onEvent === undefined ? logEvent : (e: StoreEvent) => {
+        logEvent(e);
+        onEvent(e);
+      },
+    };
     this.table = options.etcd !== undefined
-      ? new EtcdStore({
-        ...options.etcd,
-        maxWait: options.maxWait,
-        maxWaiters: options.maxWaiters,
-        maxLocks: options.maxLocks,
-        onEvent: onEvent === undefined ? logEvent : (e) => {
-          logEvent(e);
-          onEvent(e);
-        },
-      })
-      : new LockTable({
-        tokens: new TokenSequence({ stateFile: options.stateFile }),
-        maxWait: options.maxWait,
-        maxWaiters: options.maxWaiters,
-        maxLocks: options.maxLocks,
-        onDeadline: (at) => this.#arm(at),
-        onEvent: onEvent === undefined ? logEvent : (e) => {
-          logEvent(e);
-          onEvent(e);
-        },
-      });
+      ? new EtcdStore({ ...options.etcd, ...book })
+      : new MemoryStore({ ...book, tokens: new TokenSequence({ stateFile: options.stateFile }) });
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
   }
 
@@ -269,8 +258,9 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   async listen(): Promise<void> {
-    // A store with a backing service (etcd) connects first; it cleans up after itself on failure.
-    await this.table.start?.();
+    // The store gets ready first (etcd: connects; memory: reserves its first tokens); it
+    // cleans up after itself on failure.
+    await this.table.start();
     const wanted = this.#options.port ?? DEFAULT_PORT;
     // "localhost" may resolve to 127.0.0.1 or to ::1 depending on the machine: listen on both,
     // on the same port, so that a client on its defaults finds the server either way.
@@ -292,7 +282,7 @@ class ServerImpl implements LockServer, SessionHost {
         this.#listeners = [];
         // With port 0 the second address can be taken by chance: pick another port.
         if (wanted === 0 && err instanceof Deno.errors.AddrInUse && attempt < 10) continue;
-        await this.table.close?.();
+        await this.table.close();
         throw this.#listenError(err);
       }
     }
@@ -403,11 +393,10 @@ class ServerImpl implements LockServer, SessionHost {
     return JSON.stringify(this.stats());
   }
 
-  locksJson(): string | Promise<string> {
+  async locksJson(): Promise<string> {
     // The etcd store answers once its view includes this server's own latest changes.
-    const settled = this.table.settled?.();
-    if (settled === undefined) return JSON.stringify(this.locks());
-    return settled.then(() => JSON.stringify(this.locks()));
+    await this.table.settled();
+    return JSON.stringify(this.locks());
   }
 
   requestShutdown(remote: string): void {
@@ -461,34 +450,13 @@ class ServerImpl implements LockServer, SessionHost {
     }
     await Promise.all(this.#accepting);
     for (const s of [...this.#sessions]) s.shutdown();
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    this.#timer = undefined;
     // The etcd store deletes its keys (revokes its lease) and disconnects.
-    await this.table.close?.();
+    await this.table.close();
     log.info("Stopped", { event: "stopped" });
     this.#resolveFinished();
   }
 
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
-  }
-
-  // --- One timer for every lease and wait: armed for the earliest deadline only.
-
-  #arm(at: number): void {
-    if (this.#closing !== undefined || at >= this.#timerAt) return;
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    this.#timerAt = at;
-    // setTimeout cannot wait longer than 2^31-1 ms; a later deadline is re-armed when it fires.
-    const delay = Math.min(2 ** 31 - 1, Math.max(0, Math.ceil(at - performance.now())));
-    this.#timer = setTimeout(() => this.#fire(), delay);
-  }
-
-  #fire(): void {
-    this.#timer = undefined;
-    this.#timerAt = Infinity;
-    this.table.tick();
-    const next = this.table.nextDeadline();
-    if (next !== undefined) this.#arm(next);
   }
 }

@@ -11,7 +11,7 @@
  */
 
 import { LineReader, type LineResult } from "./lines.ts";
-import type { Claim, ClaimHandler, EndReason, LockStore, Refusal } from "./lock_table.ts";
+import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import {
   Action,
   ErrorReason,
@@ -94,7 +94,7 @@ export class Session implements ClaimHandler {
   #conn: Conn;
   #host: SessionHost;
   #state: "first" | "waiting" | "holding" | "closing" | "closed" = "first";
-  #claim: Claim | undefined;
+  #claim: ClaimView | undefined;
   #extended = false;
   #lastPosition = Infinity;
   /** A `queued` line is in the write chain and not yet written: it will carry the newest position. */
@@ -337,19 +337,14 @@ export class Session implements ClaimHandler {
       if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
       limit = v;
     }
-    const claim = this.#host.table.acquire(
+    // The outcome comes later (a store answers asynchronously): meanwhile the connection is
+    // read like a waiter's (early lines kept, a disconnect withdraws the claim).
+    this.#claim = this.#host.table.acquire(
       { name, limit, wait, ttl, clientId: clientId ?? "", remote: this.remote },
       this,
     );
-    // The table has told us the outcome already: waiting or holding goes on, else it is over.
-    if (claim.state === "waiting" || claim.state === "holding") this.#claim = claim;
-    else if (claim.state === "new" && this.#state === "first") {
-      // The outcome comes later (the etcd store): meanwhile the connection is read like a
-      // waiter's (early lines kept, a disconnect withdraws the claim), without a queued line.
-      this.#claim = claim;
-      this.#state = "waiting";
-    }
-    return this.#state === "waiting" || this.#state === "holding";
+    this.#state = "waiting";
+    return true;
   }
 
   /** Queues a holder's line behind the ones before it; resolves once it is answered. */
@@ -370,9 +365,8 @@ export class Session implements ClaimHandler {
     const action = (comma < 0 ? text : text.slice(0, comma)).trim();
     if (action === Action.RELEASE) {
       this.#claim = undefined;
-      // A store that frees the lock elsewhere (etcd) answers once it is free there.
-      const freed = table.end(claim, "released");
-      if (freed !== undefined) await freed;
+      // `released` goes once the lock is free in the store (for etcd: once the key is gone).
+      await table.end(claim, "released");
       await this.#finish(Reply.RELEASED);
     } else if (action === Action.KEEPALIVE) {
       await this.#send(Reply.ALIVE, true);

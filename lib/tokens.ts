@@ -20,6 +20,8 @@ export interface TokenSource {
   readonly last: number;
   /** How many tokens this source has returned. */
   readonly issued: number;
+  /** Gets ready to hand out tokens (reserves the first block); throws when it cannot. */
+  prepare?(): void;
 }
 
 /** How many tokens a state-file write reserves ahead. */
@@ -63,17 +65,33 @@ export class TokenSequence implements TokenSource {
     return this.#issued;
   }
 
-  /** The next token. Writes the state file when the reserved block runs out. */
+  /**
+   * Reserves the first block now, so that a state file that cannot be written is found at
+   * start-up rather than at the first grant. Throws an error that names the file.
+   */
+  prepare(): void {
+    if (this.#stateFile === undefined || this.#reservedUpTo > this.#last) return;
+    this.#reserve(this.#last + 1);
+  }
+
+  /** The next token. Writes the state file when the reserved block runs out (and throws, taking no token, when it cannot). */
   next(): number {
     const token = this.#last + 1;
-    if (token > this.#reservedUpTo) {
-      const mark = token + this.#block;
-      writeMark(this.#stateFile!, mark);
-      this.#reservedUpTo = mark;
-    }
+    if (token > this.#reservedUpTo) this.#reserve(token);
     this.#last = token;
     this.#issued++;
     return token;
+  }
+
+  #reserve(from: number): void {
+    const mark = from + this.#block;
+    try {
+      writeMark(this.#stateFile!, mark);
+    } catch (err) {
+      const why = err instanceof Error ? err.message.split("\n")[0] : String(err);
+      throw new Error(`Cannot write the state file "${this.#stateFile}": ${why}`, { cause: err });
+    }
+    this.#reservedUpTo = mark;
   }
 }
 

@@ -2,7 +2,7 @@
 // members on loopback (tests/etcd_util.ts); skipped with a warning when no etcd is installed.
 
 import assert from "node:assert/strict";
-import { b64, parseLeaseId, parseRevision, prefixEnd, unb64 } from "../lib/etcd.ts";
+import { b64, parseLeaseId, parseRevision, prefixEnd, unb64 } from "../lib/etcd/client.ts";
 import { hasEtcd, sharedEtcd, startEtcd } from "./etcd_util.ts";
 import {
   exchange,

@@ -14,6 +14,9 @@
  * - With a CA certificate (and optionally a client certificate and key) it speaks TLS through its
  *   own `Deno.HttpClient`.
  *
+ * The lock store depends only on the {@linkcode EtcdApi} interface (typed transactions with
+ * decoded strings), so its tests can give it a fake etcd.
+ *
  * @module
  */
 
@@ -210,11 +213,109 @@ export function decodeRange(res: Json, revision = headerRevision(res)): RangeRes
   return { revision, kvs, count: parseRevision(res.count) };
 }
 
+/** A comparison in a transaction: the key's create revision equals `createRevision` (0: absent). */
+export interface Compare {
+  /** The key. */
+  key: string;
+  /** The create revision it must have; 0 means the key must not exist. */
+  createRevision: number;
+}
+
+/** One operation in a transaction. */
+export type TxnOp =
+  | { put: { key: string; value: string; lease?: string } }
+  | { range: { key: string; prefix?: boolean; limit?: number; byCreate?: boolean } }
+  | { delete: { key: string } };
+
+/** The result of one operation of a transaction, in the order of the operations. */
+export type OpResult =
+  | { kind: "put" }
+  | { kind: "range"; kvs: KeyValue[]; count: number }
+  | { kind: "delete"; deleted: number };
+
+/** A transaction: if every comparison holds, `success` runs, else `failure`. */
+export interface Txn {
+  compare: Compare[];
+  success: TxnOp[];
+  failure?: TxnOp[];
+}
+
+/** What a transaction did. */
+export interface TxnResult {
+  /** Did every comparison hold? */
+  succeeded: boolean;
+  /** The store's revision after the transaction (its own, when it wrote). */
+  revision: number;
+  /** One result per operation that ran. */
+  results: OpResult[];
+}
+
+/**
+ * What the etcd lock store needs from etcd. {@linkcode EtcdClient} implements it over the JSON
+ * gateway; tests implement it in memory.
+ */
+export interface EtcdApi {
+  /** Client URLs of the members. */
+  readonly endpoints: readonly string[];
+  /** Deadline of one attempt, in ms. */
+  readonly timeoutMs: number;
+  /** A transaction. */
+  txn(txn: Txn): Promise<TxnResult>;
+  /** Reads a key, or every key with a prefix. */
+  range(key: string, options?: RangeOptions): Promise<RangeResult>;
+  /** Deletes one key: the revision after, and how many keys went (0 or 1). */
+  delete(key: string): Promise<{ revision: number; deleted: number }>;
+  /** Grants a lease of `ttl` seconds. */
+  leaseGrant(ttl: number): Promise<{ id: string; ttl: number }>;
+  /** Renews a lease once: the ttl it has now (0: gone) and the store's revision. */
+  leaseKeepAlive(id: string, timeoutMs?: number): Promise<{ ttl: number; revision: number }>;
+  /** Revokes a lease (its keys go); a lease already gone is fine. */
+  leaseRevoke(id: string, timeoutMs?: number): Promise<void>;
+  /**
+   * Watches every key starting with `prefix` from `startRevision`, calling `onResponse` for each
+   * response until `signal` aborts or `onResponse` returns false; rejects when the stream could
+   * not be opened or broke.
+   */
+  watch(
+    prefix: string,
+    startRevision: number,
+    signal: AbortSignal,
+    onResponse: (res: WatchResponse) => boolean | void,
+  ): Promise<void>;
+  /** Moves on to the next endpoint (after a watch broke). */
+  rotate(): void;
+  /** Aborts every call in flight. */
+  close(): void;
+}
+
+function encodeOp(op: TxnOp): Json {
+  if ("put" in op) {
+    const req: Json = { key: b64(op.put.key), value: b64(op.put.value) };
+    if (op.put.lease !== undefined) req.lease = op.put.lease;
+    return { request_put: req };
+  }
+  if ("range" in op) {
+    const r = op.range;
+    return { request_range: rangeRequest(r.key, r) };
+  }
+  return { request_delete_range: { key: b64(op.delete.key) } };
+}
+
+function decodeOp(op: TxnOp, res: Json | undefined, revision: number): OpResult {
+  if ("put" in op) return { kind: "put" };
+  if ("range" in op) {
+    const r = decodeRange((res?.response_range ?? {}) as Json, revision);
+    return { kind: "range", kvs: r.kvs, count: r.count };
+  }
+  const d = (res?.response_delete_range ?? {}) as Json;
+  return { kind: "delete", deleted: parseRevision(d.deleted) };
+}
+
 /**
  * The etcd client. Close it when done (`await using`): it owns an HTTP client with pooled
  * connections.
  */
-export class EtcdClient implements AsyncDisposable {
+export class EtcdClient implements EtcdApi, AsyncDisposable {
   readonly endpoints: string[];
   readonly timeoutMs: number;
   #current = 0;
@@ -401,7 +502,7 @@ export class EtcdClient implements AsyncDisposable {
     return headerRevision(await this.call("/v3/kv/put", req));
   }
 
-  /** Deletes a key (or a range). Returns the revision and how many keys went. */
+  /** Deletes a key (or every key with a prefix). Returns the revision and how many keys went. */
   async delete(
     key: string,
     options: { prefix?: boolean } = {},
@@ -412,9 +513,28 @@ export class EtcdClient implements AsyncDisposable {
     return { revision: headerRevision(res), deleted: parseRevision(res.deleted) };
   }
 
-  /** A transaction, as the gateway takes it; the raw response. */
-  txn(request: Json): Promise<Json> {
-    return this.call("/v3/kv/txn", request);
+  /** A transaction (see {@linkcode Txn}). */
+  async txn(txn: Txn): Promise<TxnResult> {
+    const failure = txn.failure ?? [];
+    const res = await this.call("/v3/kv/txn", {
+      compare: txn.compare.map((c) => ({
+        key: b64(c.key),
+        target: "CREATE",
+        create_revision: String(c.createRevision),
+        result: "EQUAL",
+      })),
+      success: txn.success.map(encodeOp),
+      failure: failure.map(encodeOp),
+    });
+    const revision = headerRevision(res);
+    const succeeded = res.succeeded === true;
+    const ops = succeeded ? txn.success : failure;
+    const responses = (res.responses as Json[] | undefined) ?? [];
+    return {
+      succeeded,
+      revision,
+      results: ops.map((op, i) => decodeOp(op, responses[i], revision)),
+    };
   }
 
   /** Grants a lease of `ttl` seconds; its id stays a string. */
@@ -424,14 +544,17 @@ export class EtcdClient implements AsyncDisposable {
     return { id: parseLeaseId(res.ID), ttl: parseRevision(res.TTL) };
   }
 
-  /** Renews a lease once; the ttl etcd gives it now, 0 when the lease is gone. */
-  async leaseKeepAlive(id: string, timeoutMs?: number): Promise<number> {
+  /** Renews a lease once: the ttl etcd gives it now (0 when the lease is gone), and the revision. */
+  async leaseKeepAlive(
+    id: string,
+    timeoutMs?: number,
+  ): Promise<{ ttl: number; revision: number }> {
     const res = await this.call("/v3/lease/keepalive", { ID: id }, {
       timeoutMs,
       budgetMs: timeoutMs,
     });
     const result = (res.result ?? res) as Json;
-    return parseRevision(result.TTL);
+    return { ttl: parseRevision(result.TTL), revision: headerRevision(result) };
   }
 
   /** Revokes a lease: every key attached to it is deleted. A lease already gone is fine. */
@@ -455,14 +578,14 @@ export class EtcdClient implements AsyncDisposable {
   }
 
   /**
-   * Opens a watch on `[key, rangeEnd)` from `startRevision` at the current endpoint and calls
-   * `onResponse` for every response until the stream ends, `signal` aborts, or `onResponse`
-   * returns false. Resolves when the stream is over; rejects when it could not be opened or
-   * broke (the caller reconnects, normally at the next endpoint: see {@linkcode rotate}).
+   * Opens a watch on every key starting with `prefix` from `startRevision` at the current
+   * endpoint and calls `onResponse` for every response until the stream ends, `signal` aborts,
+   * or `onResponse` returns false. Resolves when the stream is over; rejects when it could not
+   * be opened or broke (the caller reconnects, normally at the next endpoint: see
+   * {@linkcode rotate}).
    */
   async watch(
-    key: string,
-    rangeEnd: string,
+    prefix: string,
     startRevision: number,
     signal: AbortSignal,
     onResponse: (res: WatchResponse) => boolean | void,
@@ -473,8 +596,8 @@ export class EtcdClient implements AsyncDisposable {
     if (this.#token !== undefined) headers.authorization = this.#token;
     const body = {
       create_request: {
-        key: b64(key),
-        range_end: b64(rangeEnd),
+        key: b64(prefix),
+        range_end: b64(prefixEnd(prefix)),
         start_revision: String(startRevision),
       },
     };

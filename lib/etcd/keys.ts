@@ -1,0 +1,69 @@
+/**
+ * How the etcd store lays out its keys and what their values say.
+ *
+ * - `PREFIX/NAME/SERVER-SEQ`: one key per request (holder or waiter) of lock NAME, written by
+ *   server SERVER, attached to that server's lease. Its value is a JSON {@linkcode KeyInfo}.
+ * - `PREFIX/!hb/SERVER`: a server's heartbeat key, written to check that its watch still
+ *   delivers (`!` is never in a lock name, so it is never taken for one).
+ *
+ * @module
+ */
+
+/** What a lock key's value says. */
+export interface KeyInfo {
+  /** The writer's unique id for the request (the key's last segment). */
+  owner: string;
+  /** The request's limit. */
+  limit: number;
+  /** The client id (`""` when none). */
+  client_id: string;
+  /** The client's address as its server saw it. */
+  remote: string;
+  /** When the request was written, or (once granted after a wait) when it was granted. */
+  since: string;
+  /** Set by the grant write of a request that waited: its token is that write's revision. */
+  granted?: boolean;
+}
+
+/** The segment that marks heartbeat keys. */
+export const HEARTBEAT_SEGMENT = "!hb";
+
+/** Encodes a key's value. */
+export function encodeInfo(info: KeyInfo): string {
+  return JSON.stringify(info);
+}
+
+/** Decodes a key's value; a value that is not ours reads as a limit-1 holder with no details. */
+export function parseInfo(value: string): KeyInfo {
+  try {
+    const v = JSON.parse(value);
+    const limit = Number.isSafeInteger(v.limit) && v.limit >= 1 ? v.limit : 1;
+    return {
+      owner: String(v.owner ?? ""),
+      limit,
+      client_id: typeof v.client_id === "string" ? v.client_id : "",
+      remote: typeof v.remote === "string" ? v.remote : "",
+      since: typeof v.since === "string" ? v.since : new Date(0).toISOString(),
+      granted: v.granted === true ? true : undefined,
+    };
+  } catch {
+    return { owner: "", limit: 1, client_id: "", remote: "", since: new Date(0).toISOString() };
+  }
+}
+
+/**
+ * The lock name of a key under `root` (`PREFIX/`), or undefined for a key that is not a lock
+ * key (a heartbeat, or something else under the prefix).
+ */
+export function nameOf(root: string, key: string): string | undefined {
+  if (!key.startsWith(root)) return undefined;
+  const slash = key.indexOf("/", root.length);
+  if (slash < 0) return undefined;
+  const name = key.slice(root.length, slash);
+  return name === HEARTBEAT_SEGMENT ? undefined : name;
+}
+
+/** The last segment of a key (`SERVER-SEQ` for a lock key). */
+export function ownerOf(key: string): string {
+  return key.slice(key.lastIndexOf("/") + 1);
+}

@@ -1,0 +1,656 @@
+/**
+ * The etcd lock store: the locks live in etcd, so any number of tcpnetlock servers in front of
+ * one etcd cluster share one set of locks. It keeps a claim's life in the same claim book as the
+ * memory store and grants by the same rules (`lib/store/rules.ts`); what differs is where the
+ * queue lives and when it changes:
+ *
+ * - Every holder and waiter is one key `PREFIX/NAME/SERVER-SEQ` attached to its server's lease
+ *   (`lease.ts`). The queue of NAME is its keys in create-revision order; the holders are the
+ *   prefix of it that the rules allow. New keys always come after every key there is, so nobody
+ *   overtakes a waiter; a key never holds beside a key of another limit.
+ * - A request writes its key and reads the head of the queue in one transaction: granted there
+ *   (its token is that transaction's revision), not granted, or refused at once; otherwise it
+ *   learns its place from the mirror (`mirror.ts`). One server sends its requests for a name one
+ *   after another, so they are placed in arrival order.
+ * - A waiter whose turn comes is granted by a write of its own (a transaction that rewrites its
+ *   key while it still exists): its token is that write's revision. So every token is the
+ *   revision of the write that granted it: larger than every token handed out before it, by any
+ *   server, for any name.
+ * - A key is deleted when its claim ends; `released` is answered once the delete is done, and a
+ *   failed delete is retried until the key is gone (or its lease was revoked).
+ * - A server that dies stops renewing its lease: etcd deletes its keys within the lease ttl. A
+ *   server that cannot renew in time tells its holders `expired` and its waiters `timeout`
+ *   before etcd could give their locks to others, answers `err,store unavailable` meanwhile,
+ *   and gets a new lease when etcd answers again.
+ * - `ttl:` leases, `wait:` deadlines, `--max-waiters` and `--max-locks` are the claim book's, per
+ *   server.
+ *
+ * @module
+ */
+
+import { getLogger } from "../log.ts";
+import { ErrorReason, type LockInfo } from "../protocol.ts";
+import { type Claim, ClaimBook, type ClaimBookOptions } from "../store/claim_book.ts";
+import { type Clock, systemClock, type TimerHandle } from "../store/clock.ts";
+import { conflicts, emptyGroup, fits, join, type Ranked } from "../store/rules.ts";
+import {
+  type ClaimHandler,
+  type ClaimRequest,
+  type ClaimState,
+  type ClaimView,
+  type EndReason,
+  type LockStore,
+  STORE_UNAVAILABLE,
+  type StoreCounters,
+} from "../store/types.ts";
+import { type EtcdApi, EtcdClient, type EtcdClientOptions, type KeyValue } from "./client.ts";
+import { encodeInfo, HEARTBEAT_SEGMENT, type KeyInfo, ownerOf, parseInfo } from "./keys.ts";
+import { EtcdLease } from "./lease.ts";
+import { EtcdMirror, type MirrorRecord } from "./mirror.ts";
+
+/** Options of an {@linkcode EtcdStore}. */
+export interface EtcdStoreOptions extends EtcdClientOptions, ClaimBookOptions {
+  /** The key prefix every lock lives under (default `/tcpnetlock`). */
+  prefix?: string;
+  /** The ttl of this server's etcd lease in seconds (default 10, at least 1). */
+  leaseTtl?: number;
+  /** The etcd to use (default: an {@linkcode EtcdClient} on `endpoints`); tests give a fake. */
+  client?: EtcdApi;
+}
+
+/** What the store keeps with each claim. */
+interface EtcdExt {
+  /** The claim's key. */
+  readonly key: string;
+  /** The lease the key was written with. */
+  lease: string;
+  /** Its create revision, once the placing transaction answered (0 before). */
+  rev: number;
+  /** The placing transaction was sent (so there may be a key to delete). */
+  written: boolean;
+  /** Placed, and waiting for the mirror to say where it stands. */
+  placed: boolean;
+  /** Its grant write is out. */
+  granting: boolean;
+}
+
+type EtcdClaim = Claim<EtcdExt>;
+
+const log = getLogger(["tcpnetlock", "etcd"]);
+const RESOLVED = Promise.resolve();
+
+function randomId(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(6));
+  return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** A record as the rules see it. */
+function ranked(r: MirrorRecord | KeyValue): Ranked {
+  return "info" in r ? r.info : parseInfo(r.value);
+}
+
+/**
+ * The etcd lock store. `await start()` before use (the server does), `await close()` after.
+ *
+ * @example
+ * ```ts ignore
+ * import { EtcdStore } from "./store.ts";
+ * const store = new EtcdStore({ endpoints: ["http://127.0.0.1:2379"], leaseTtl: 10 });
+ * await store.start();
+ * // ... store.acquire(request, handler) ...
+ * await store.close();
+ * ```
+ */
+export class EtcdStore implements LockStore {
+  /** The key prefix, without a trailing `/`. */
+  readonly prefix: string;
+  /** This server's id in its keys. */
+  readonly serverId: string = randomId();
+  readonly #etcd: EtcdApi;
+  readonly #clock: Clock;
+  readonly #book: ClaimBook<EtcdExt>;
+  readonly #lease: EtcdLease;
+  readonly #mirror: EtcdMirror;
+  readonly #endpoints: string;
+  /** This server's live claims, by key. */
+  readonly #byKey = new Map<string, EtcdClaim>();
+  /** Per name, the last of this server's writes for it: the next one goes after it. */
+  readonly #chains = new Map<string, Promise<void>>();
+  readonly #inflight = new Set<Promise<unknown>>();
+  /** Pauses between retries, ended early on close. */
+  readonly #wakers = new Set<() => void>();
+  #seq = 0;
+  #closed = false;
+  #closing: Promise<void> | undefined;
+  #failing = false;
+
+  constructor(options: EtcdStoreOptions) {
+    this.prefix = (options.prefix ?? "/tcpnetlock").replace(/\/+$/, "");
+    if (this.prefix === "") throw new Error("The etcd prefix must not be empty");
+    this.#clock = options.clock ?? systemClock;
+    this.#etcd = options.client ?? new EtcdClient(options);
+    this.#endpoints = this.#etcd.endpoints.join(",");
+    this.#book = new ClaimBook<EtcdExt>({
+      left: (claim, from) => this.#left(claim, from),
+    }, options);
+    this.#lease = new EtcdLease(this.#etcd, options.leaseTtl ?? 10, this.#clock, {
+      renewed: (revision) => {
+        if (this.#failing) {
+          log.warning("etcd answers again: lease {lease} renewed", {
+            event: "etcd_ok",
+            lease: this.#lease.id,
+          });
+        }
+        this.#failing = false;
+        this.#mirror.renewalSaw(revision);
+        this.#sweep();
+      },
+      lost: (why) => this.#leaseLost(why),
+      recovered: (id) => {
+        log.warning("etcd answers again: new lease {lease}", {
+          event: "etcd_recovered",
+          lease: id,
+        });
+      },
+      failing: (err) => {
+        this.#failing = true;
+        this.#warn("Cannot renew lease {lease} in etcd: {error}", err, { lease: this.#lease.id });
+      },
+    });
+    const ttlMs = this.#lease.ttl * 1000;
+    this.#mirror = new EtcdMirror(this.#etcd, this.#clock, {
+      changed: (names) => {
+        for (const name of names) this.#evaluate(name);
+      },
+      put: (key) => {
+        if (this.#isStray(key)) this.#deleteStray(key);
+      },
+      deleted: (key) => {
+        const claim = this.#byKey.get(key);
+        if (claim !== undefined && claim.ext.rev > 0) {
+          this.#lost(claim, "its key was deleted in etcd");
+        }
+      },
+      heartbeat: () => this.#heartbeat(),
+      warn: (message, err) => this.#warn(message, err, {}),
+    }, { prefix: this.prefix, graceMs: Math.max(500, Math.min(2000, ttlMs / 5)) });
+  }
+
+  /** The lease ttl in seconds. */
+  get leaseTtl(): number {
+    return this.#lease.ttl;
+  }
+
+  /** Is the store connected with a live lease? */
+  get available(): boolean {
+    return this.#lease.id !== undefined && !this.#closed;
+  }
+
+  /** Watches opened again because the old one stopped delivering. */
+  get watchReconnects(): number {
+    return this.#mirror.reconnects;
+  }
+
+  get counters(): Readonly<StoreCounters> {
+    return this.#book.counters;
+  }
+
+  get heldNames(): number {
+    return this.#book.heldNames;
+  }
+
+  get holders(): number {
+    return this.#book.holders;
+  }
+
+  get waiting(): number {
+    return this.#book.waiting;
+  }
+
+  get tokensIssued(): number {
+    return this.#book.counters.acquired;
+  }
+
+  // --- Life cycle
+
+  /** Connects: grants the lease, reads every key, opens the watch. */
+  async start(): Promise<void> {
+    try {
+      await this.#lease.start();
+      await this.#mirror.start();
+    } catch (err) {
+      await this.close();
+      throw new Error(`Cannot use etcd at ${this.#endpoints}: ${errorText(err)}`, { cause: err });
+    }
+    log.info("Using etcd at {endpoints}, prefix {prefix}, lease {lease} (ttl {ttl} s)", {
+      event: "etcd_connected",
+      endpoints: this.#endpoints,
+      prefix: this.prefix,
+      lease: this.#lease.id,
+      ttl: this.#lease.ttl,
+      server_id: this.serverId,
+    });
+  }
+
+  /** Ends every claim, revokes the lease (deleting this server's keys) and disconnects. */
+  close(): Promise<void> {
+    this.#closing ??= this.#closeNow();
+    return this.#closing;
+  }
+
+  async #closeNow(): Promise<void> {
+    this.#closed = true;
+    for (const claim of this.#book.live()) this.#book.end(claim, "shutdown");
+    this.#book.close();
+    for (const wake of [...this.#wakers]) wake();
+    // Let the writes in flight finish, for a moment (each has a deadline of its own too).
+    let timer: TimerHandle | undefined;
+    await Promise.race([
+      Promise.allSettled([...this.#inflight]),
+      new Promise((resolve) => timer = this.#clock.setTimer(() => resolve(undefined), 2000)),
+    ]);
+    this.#clock.clear(timer);
+    await this.#lease.close();
+    this.#etcd.close();
+    await this.#mirror.close();
+    while (this.#inflight.size > 0) await Promise.allSettled([...this.#inflight]);
+  }
+
+  // --- LockStore
+
+  acquire(request: ClaimRequest, handler: ClaimHandler): ClaimView {
+    const key = `${this.prefix}/${request.name}/${this.serverId}-${(++this.#seq).toString(36)}`;
+    const ext: EtcdExt = { key, lease: "", rev: 0, written: false, placed: false, granting: false };
+    const claim = this.#book.open(request, handler, ext);
+    if (claim.state !== "pending") return claim;
+    if (!this.available) {
+      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      return claim;
+    }
+    this.#byKey.set(key, claim);
+    this.#inOrder(request.name, () => this.#place(claim));
+    return claim;
+  }
+
+  end(claim: ClaimView, reason: EndReason): Promise<void> {
+    return this.#book.end(claim as EtcdClaim, reason);
+  }
+
+  renew(claim: ClaimView): void {
+    this.#book.renew(claim as EtcdClaim);
+  }
+
+  settled(): Promise<void> {
+    return this.#mirror.settled();
+  }
+
+  oldestGrant(): number | undefined {
+    return this.#book.oldestGrant();
+  }
+
+  /** Every name held or waited on in the whole cluster, as this server's mirror has it. */
+  snapshot(): LockInfo[] {
+    const out: LockInfo[] = [];
+    for (const [name, recs] of this.#mirror.names()) {
+      const held = holdingPrefix(recs);
+      out.push({
+        name,
+        limit: recs[0].info.limit,
+        waiting: recs.length - held,
+        holders: recs.slice(0, held).map((r) => {
+          const mine = this.#byKey.get(r.key);
+          const local = mine !== undefined && mine.state === "holding";
+          return {
+            client_id: r.info.client_id,
+            token: local ? mine.token : r.info.granted ? r.modRev : r.rev,
+            since: local ? new Date(mine.grantedWall).toISOString() : r.info.since,
+            remote: r.info.remote,
+          };
+        }),
+      });
+    }
+    return out;
+  }
+
+  // --- A request's way in
+
+  /** Runs `step` after this server's earlier writes for `name` (arrival order, per name). */
+  #inOrder(name: string, step: () => Promise<void>): void {
+    const before = this.#chains.get(name) ?? RESOLVED;
+    const next = before.then(step).catch((err) => {
+      if (!this.#closed) log.error("etcd store: {error}", { error: errorText(err) });
+    });
+    this.#chains.set(name, next);
+    this.#track(next);
+    next.then(() => {
+      if (this.#chains.get(name) === next) this.#chains.delete(name);
+    });
+  }
+
+  /** Writes the claim's key and reads the head of its queue, in one transaction; then decides. */
+  async #place(claim: EtcdClaim): Promise<void> {
+    if (claim.state !== "pending") return; // withdrawn before anything was written
+    const lease = this.#lease.id;
+    if (lease === undefined || this.#closed) {
+      this.#forget(claim);
+      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      return;
+    }
+    const { name, limit } = claim.request;
+    const ext = claim.ext;
+    ext.lease = lease;
+    ext.written = true;
+    const head = { key: `${this.prefix}/${name}/`, prefix: true, byCreate: true, limit };
+    let result;
+    try {
+      // Create-if-absent makes the transaction safe to retry: if a first attempt that timed out
+      // was applied after all, the retry reads the key back instead of writing it again.
+      result = await this.#etcd.txn({
+        compare: [{ key: ext.key, createRevision: 0 }],
+        success: [
+          { put: { key: ext.key, value: this.#value(claim, false), lease } },
+          { range: head },
+        ],
+        failure: [{ range: { key: ext.key } }, { range: head }],
+      });
+    } catch (err) {
+      this.#warn("Cannot write the key of lock {lock}: {error}", err, { lock: name });
+      // It may have been applied all the same: the key goes (the sweep catches a late write).
+      this.#forget(claim);
+      this.#deleteUntilGone(ext);
+      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      return;
+    }
+    const [mine, range] = result.results;
+    let wroteNow = false;
+    if (result.succeeded) {
+      ext.rev = result.revision;
+      wroteNow = true;
+      this.#mirror.noteOwnWrite(result.revision);
+    } else {
+      const kv = mine.kind === "range" ? mine.kvs[0] : undefined;
+      ext.rev = kv !== undefined && parseInfo(kv.value).owner === ownerOf(ext.key)
+        ? kv.createRevision
+        : 0;
+    }
+    if (claim.state !== "pending" || ext.rev === 0) {
+      // Withdrawn while the transaction was out, or written and gone already (lease lost).
+      this.#forget(claim);
+      this.#deleteUntilGone(ext);
+      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      return;
+    }
+    const first = range.kind === "range" ? range.kvs : [];
+    const at = first.findIndex((kv) => kv.key === ext.key);
+    const ahead = at < 0 ? first : first.slice(0, at);
+    if (ahead.some((kv) => conflicts(claim.request, ranked(kv)))) {
+      this.#refuseAndDelete(claim, ErrorReason.LIMIT_MISMATCH);
+      return;
+    }
+    if (wroteNow && at >= 0 && holdingPrefix(first.slice(0, at + 1)) > at) {
+      // Among the holders at the revision of its own write: that write granted it. (A retried
+      // transaction that found its key written earlier goes through the mirror instead: its
+      // grant needs a write of its own, so that its token is the newest revision.)
+      this.#book.grant(claim, ext.rev);
+      return;
+    }
+    if (this.#book.waitOf(claim.request) === 0 && at < 0) {
+      // Taken (the keys ahead are all of its limit: the rules would make it wait).
+      this.#forget(claim);
+      this.#book.notGranted(claim);
+      this.#deleteUntilGone(ext);
+      return;
+    }
+    // It waits: where, the mirror says once it has seen the write.
+    ext.placed = true;
+    if (this.#mirror.revision >= ext.rev) this.#evaluate(name);
+  }
+
+  /**
+   * Re-reads the queue of `name` from the mirror: this server's placed claims learn where they
+   * stand, waiters whose turn came are granted, the others learn their position.
+   */
+  #evaluate(name: string): void {
+    const entry = this.#book.entry(name);
+    if (entry === undefined) return;
+    if (entry.waiters.length === 0 && entry.pending.size === 0) return;
+    const recs = this.#mirror.records(name);
+    const group = emptyGroup();
+    let holding = true;
+    let held = 0;
+    const settledRev = this.#mirror.revision;
+    for (let i = 0; i < recs.length; i++) {
+      const rec = recs[i];
+      if (holding && fits(group, rec.info)) {
+        join(group, rec.info);
+        held = i + 1;
+      } else {
+        holding = false;
+      }
+      const claim = this.#byKey.get(rec.key);
+      if (claim === undefined) continue;
+      const ext = claim.ext;
+      if (claim.state === "pending") {
+        if (!ext.placed || ext.rev > settledRev) continue;
+        ext.placed = false;
+        if (recs.slice(0, i).some((r) => conflicts(claim.request, r.info))) {
+          this.#refuseAndDelete(claim, ErrorReason.LIMIT_MISMATCH);
+        } else if (i < held) {
+          this.#grantWaiter(claim);
+        } else if (!this.#book.queue(claim, i - held + 1)) {
+          // Not granted (no wait) or refused (--max-waiters): the key goes.
+          this.#forget(claim);
+          this.#deleteUntilGone(ext);
+        }
+      } else if (claim.state === "waiting") {
+        if (i < held) this.#grantWaiter(claim);
+        else this.#book.position(claim, i - held + 1);
+      }
+    }
+    // A placed claim whose key the mirror has passed without seeing it: gone already.
+    for (const claim of [...entry.pending]) {
+      if (
+        claim.ext.placed && claim.ext.rev <= settledRev &&
+        this.#mirror.get(claim.ext.key) === undefined
+      ) {
+        this.#lost(claim, "its key is gone");
+      }
+    }
+  }
+
+  /** Grants a waiter whose turn came, by a write of its own: the write's revision is the token. */
+  #grantWaiter(claim: EtcdClaim): void {
+    const ext = claim.ext;
+    if (ext.granting) return;
+    ext.granting = true;
+    const done = this.#etcd.txn({
+      compare: [{ key: ext.key, createRevision: ext.rev }],
+      success: [{ put: { key: ext.key, value: this.#value(claim, true), lease: ext.lease } }],
+    }).then((res) => {
+      ext.granting = false;
+      if (!res.succeeded) {
+        this.#lost(claim, "its key is gone");
+        return;
+      }
+      this.#mirror.noteOwnWrite(res.revision);
+      if (claim.state === "waiting" || claim.state === "pending") {
+        this.#book.grant(claim, res.revision);
+      }
+    }, (err) => {
+      ext.granting = false;
+      this.#warn("Cannot grant lock {lock}: {error}", err, { lock: claim.request.name });
+      // Try again shortly while it still waits (its wait deadline bounds it).
+      return this.#sleep(200).then(() => {
+        if (claim.state === "waiting" || claim.state === "pending") {
+          this.#evaluate(claim.request.name);
+        }
+      });
+    });
+    this.#track(done);
+  }
+
+  #value(claim: EtcdClaim, granted: boolean): string {
+    const info: KeyInfo = {
+      owner: ownerOf(claim.ext.key),
+      limit: claim.request.limit,
+      client_id: claim.request.clientId,
+      remote: claim.request.remote,
+      since: new Date(this.#clock.wallNow()).toISOString(),
+    };
+    if (granted) info.granted = true;
+    return encodeInfo(info);
+  }
+
+  #refuseAndDelete(claim: EtcdClaim, reason: "limit mismatch"): void {
+    this.#forget(claim);
+    this.#book.refuse(claim, reason);
+    this.#deleteUntilGone(claim.ext);
+  }
+
+  // --- A claim's way out
+
+  /** The book says a claim left: its key goes. A release is answered once it has. */
+  #left(claim: EtcdClaim, from: ClaimState): Promise<void> {
+    this.#forget(claim);
+    const ext = claim.ext;
+    if (from === "pending" && ext.rev === 0) {
+      // Its transaction is out (or was never sent): #place deletes the key once it is back.
+      return RESOLVED;
+    }
+    return this.#deleteUntilGone(ext);
+  }
+
+  /** A claim whose key is gone from etcd (deleted by someone, or its lease ran out). */
+  #lost(claim: EtcdClaim, why: string): void {
+    if (claim.state === "done") return;
+    this.#forget(claim);
+    if (claim.state !== "pending") {
+      log.warning("Lock {lock} lost by {client_id} at {peer}: {why}", {
+        event: "lost",
+        lock: claim.request.name,
+        client_id: claim.request.clientId || "-",
+        peer: claim.request.remote,
+        why,
+      });
+    }
+    this.#book.lose(claim);
+  }
+
+  #forget(claim: EtcdClaim): void {
+    if (this.#byKey.get(claim.ext.key) === claim) this.#byKey.delete(claim.ext.key);
+  }
+
+  /**
+   * Deletes a key and resolves once it is gone: the delete is retried (with a growing pause)
+   * until etcd confirms it, or the lease it was written with has been revoked, or the store
+   * closes (closing revokes the lease).
+   */
+  #deleteUntilGone(ext: EtcdExt): Promise<void> {
+    if (!ext.written) return RESOLVED;
+    const key = ext.key;
+    const name = key.slice(this.prefix.length + 1, key.lastIndexOf("/"));
+    let resolve!: () => void;
+    const gone = new Promise<void>((r) => resolve = r);
+    let pause = 50;
+    const attempt = async (): Promise<void> => {
+      try {
+        const r = await this.#etcd.delete(key);
+        if (r.deleted > 0) this.#mirror.noteOwnWrite(r.revision);
+        resolve();
+        return;
+      } catch (err) {
+        if (this.#lease.revoked(ext.lease) || this.#closed) {
+          resolve();
+          return;
+        }
+        this.#warn("Cannot delete the key of lock {lock} (trying again): {error}", err, {
+          lock: name,
+        });
+      }
+      // Later tries run outside the name's order: a new request does not wait for etcd's return.
+      this.#track(this.#sleep(pause).then(attempt));
+      pause = Math.min(1000, pause * 2);
+    };
+    // The first try goes in the name's order: a request that comes after a release is written
+    // after the released key is gone.
+    this.#inOrder(name, attempt);
+    return gone;
+  }
+
+  /** A pause that ends early when the store closes. */
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        this.#clock.clear(t);
+        this.#wakers.delete(wake);
+        resolve();
+      };
+      const t = this.#clock.setTimer(wake, ms);
+      this.#wakers.add(wake);
+    });
+  }
+
+  /** Is this one of this server's lock keys that no live claim owns? */
+  #isStray(key: string): boolean {
+    return ownerOf(key).startsWith(this.serverId + "-") && !this.#byKey.has(key);
+  }
+
+  #deleteStray(key: string): void {
+    this.#track(
+      this.#etcd.delete(key).then((r) => {
+        if (r.deleted > 0) this.#mirror.noteOwnWrite(r.revision);
+      }).catch(() => {}),
+    );
+  }
+
+  /** After each renewal: deletes this server's keys that no claim owns (writes that landed late). */
+  #sweep(): void {
+    for (const [, recs] of this.#mirror.names()) {
+      for (const r of recs) if (this.#isStray(r.key)) this.#deleteStray(r.key);
+    }
+  }
+
+  /** Writes this server's heartbeat key (for the watch check); its revision. */
+  async #heartbeat(): Promise<number | undefined> {
+    const lease = this.#lease.id;
+    if (lease === undefined || this.#closed) return undefined;
+    const key = `${this.prefix}/${HEARTBEAT_SEGMENT}/${this.serverId}`;
+    const res = await this.#etcd.txn({
+      compare: [],
+      success: [{ put: { key, value: "", lease } }],
+    });
+    return res.revision;
+  }
+
+  /** The lease is gone or may be: holders are told `expired`, waiters `timeout`. */
+  #leaseLost(why: string): void {
+    log.error(
+      "Lost the etcd lease: {why}; holders get expired, waiters timeout, new requests " +
+        "err,store unavailable until etcd answers again",
+      { event: "etcd_lease_lost", why, holders: this.#book.holders, waiting: this.#book.waiting },
+    );
+    for (const claim of [...this.#byKey.values()]) this.#lost(claim, "the etcd lease was lost");
+  }
+
+  #track<T>(p: Promise<T>): void {
+    this.#inflight.add(p);
+    p.then(() => this.#inflight.delete(p), () => this.#inflight.delete(p));
+  }
+
+  #warn(message: string, err: unknown, props: Record<string, unknown>): void {
+    if (this.#closed) return;
+    log.warning(message, { event: "etcd_error", ...props, error: errorText(err) });
+  }
+}
+
+/** How many records at the head of a name's queue hold it. */
+function holdingPrefix(recs: readonly (MirrorRecord | KeyValue)[]): number {
+  const group = emptyGroup();
+  let i = 0;
+  while (i < recs.length && fits(group, ranked(recs[i]))) join(group, ranked(recs[i++]));
+  return i;
+}

@@ -1,0 +1,520 @@
+/**
+ * The claim book: one claim's life, kept once for both stores. A store composes a book and
+ * decides only *where* the state lives and *when* it changes; the book does the rest:
+ *
+ * - the claim's states (`pending` → `waiting` → `holding` → `done`) and every transition's
+ *   bookkeeping: this server's holders and waiters per name, the counters, the events for logs
+ *   and metrics;
+ * - the checks that are this server's own: `--max-locks` (names this server's connections hold
+ *   or wait on), `--max-waiters` per name, `--max-wait`;
+ * - the deadlines of waits and `ttl` leases, on its own timer (the clock is injected);
+ * - the outcomes, delivered to each claim's handler asynchronously (one microtask per batch), in
+ *   order, and never after the owner ended the claim: a store never runs session code inside
+ *   its own call.
+ *
+ * When a claim leaves (its owner ended it, its wait ran out, its lease ran out) the book tells
+ * the store through {@linkcode BookHooks.left}, so that the store frees the lock where it lives.
+ *
+ * @module
+ */
+
+import { type Clock, systemClock, type TimerHandle } from "./clock.ts";
+import { DeadlineHeap, type HeapItem } from "./deadline_heap.ts";
+import { emptyGroup, type HolderGroup, join } from "./rules.ts";
+import {
+  type ClaimHandler,
+  type ClaimRequest,
+  type ClaimState,
+  type ClaimView,
+  type EndReason,
+  type Refusal,
+  STORE_UNAVAILABLE,
+  type StoreCounters,
+  type StoreEvent,
+} from "./types.ts";
+
+/** The book's record of one request. `X` is what the store keeps with it (the etcd key). */
+export class Claim<X = unknown> implements ClaimView, HeapItem {
+  state: ClaimState = "pending";
+  token = 0;
+  grantedAt = 0;
+  grantedWall = 0;
+  /** Monotonic ms at which the wait or the lease runs out (Infinity: never). */
+  deadline = Infinity;
+  heapIndex = -1;
+  heapKey = Infinity;
+  /** The owner ended the claim: its handler hears nothing more. */
+  closed = false;
+  /** A position waiting in the outbox (0: none). */
+  positionDue = 0;
+  /** The last position told (positions only go down). */
+  positionTold = Infinity;
+  readonly requestedAt: number;
+  readonly request: ClaimRequest;
+  readonly handler: ClaimHandler;
+  /** The store's own data for this claim. */
+  readonly ext: X;
+
+  constructor(request: ClaimRequest, handler: ClaimHandler, now: number, ext: X) {
+    this.request = request;
+    this.handler = handler;
+    this.requestedAt = now;
+    this.ext = ext;
+  }
+}
+
+/** This server's claims on one name, in arrival order. */
+export interface BookEntry<X> {
+  readonly name: string;
+  /** Claims whose outcome the store has not decided yet. */
+  readonly pending: Set<Claim<X>>;
+  /** Claims holding the name. */
+  readonly holders: Set<Claim<X>>;
+  /** Claims waiting, in arrival order. */
+  readonly waiters: Claim<X>[];
+}
+
+/** What the book tells its store. */
+export interface BookHooks<X> {
+  /**
+   * A claim left (`from` is the state it left): its owner ended it, its wait or lease ran out.
+   * The store frees it where it lives; the promise (an owner's `end()` returns it) resolves
+   * once the lock is free there.
+   */
+  left(claim: Claim<X>, from: ClaimState, reason: EndReason): Promise<void> | void;
+}
+
+/** Options of a {@linkcode ClaimBook}. */
+export interface ClaimBookOptions {
+  /** Time and timers (default: the real clock). */
+  clock?: Clock;
+  /** Longest wait in seconds; longer waits are cut to it (default: no cap). */
+  maxWait?: number;
+  /** Most waiters per name on this server (default: no limit). */
+  maxWaiters?: number;
+  /** Most distinct names this server's claims hold, wait on or ask for (default: no limit). */
+  maxLocks?: number;
+  /** Told of every grant, queueing, refusal, timeout and end. */
+  onEvent?: (event: StoreEvent) => void;
+}
+
+const RESOLVED = Promise.resolve();
+
+// What the outbox delivers.
+const GRANTED = 0, QUEUED = 1, NOT_GRANTED = 2, REFUSED = 3, TIMED_OUT = 4, EXPIRED = 5;
+type Note =
+  | typeof GRANTED
+  | typeof QUEUED
+  | typeof NOT_GRANTED
+  | typeof REFUSED
+  | typeof TIMED_OUT
+  | typeof EXPIRED;
+
+/**
+ * The claim book (see the module doc). Stores call its transitions; it never decides who gets a
+ * lock: that is the store's (with the rules of `rules.ts`).
+ *
+ * @example
+ * ```ts
+ * import { ClaimBook } from "./claim_book.ts";
+ * const book = new ClaimBook<undefined>({ left: () => {} });
+ * const claim = book.open(
+ *   { name: "db", limit: 1, wait: 0, clientId: "", remote: "" },
+ *   {
+ *     granted: (t) => console.log("granted", t),
+ *     queued() {}, notGranted() {}, refused() {}, timedOut() {}, expired() {},
+ *   },
+ *   undefined,
+ * );
+ * book.grant(claim, 1);
+ * await book.end(claim, "released");
+ * book.close();
+ * ```
+ */
+export class ClaimBook<X> {
+  readonly #hooks: BookHooks<X>;
+  readonly #clock: Clock;
+  readonly #maxWait: number;
+  readonly #maxWaiters: number;
+  readonly #maxLocks: number;
+  readonly #onEvent: ((event: StoreEvent) => void) | undefined;
+  readonly #entries = new Map<string, BookEntry<X>>();
+  readonly #heap = new DeadlineHeap<Claim<X>>();
+  #timer: TimerHandle | undefined;
+  #timerAt = Infinity;
+  #held = 0;
+  #waiting = 0;
+  #closed = false;
+  // The outbox: (claim, note, argument) triples, delivered in one microtask.
+  #outbox: unknown[] = [];
+  #flushing = false;
+  /** Counters since the book was made. */
+  readonly counters: StoreCounters = {
+    acquired: 0,
+    notGranted: 0,
+    timedOut: 0,
+    expired: 0,
+    refused: 0,
+  };
+
+  constructor(hooks: BookHooks<X>, options: ClaimBookOptions = {}) {
+    this.#hooks = hooks;
+    this.#clock = options.clock ?? systemClock;
+    this.#maxWait = options.maxWait ?? Infinity;
+    this.#maxWaiters = options.maxWaiters ?? Infinity;
+    this.#maxLocks = options.maxLocks ?? Infinity;
+    this.#onEvent = options.onEvent;
+  }
+
+  /** The clock the book runs on. */
+  get clock(): Clock {
+    return this.#clock;
+  }
+
+  /** This server's holders. */
+  get holders(): number {
+    return this.#held;
+  }
+
+  /** This server's waiters. */
+  get waiting(): number {
+    return this.#waiting;
+  }
+
+  /** Names this server's claims hold, wait on or ask for. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** Names held by this server's claims. */
+  get heldNames(): number {
+    let n = 0;
+    for (const e of this.#entries.values()) if (e.holders.size > 0) n++;
+    return n;
+  }
+
+  /** This server's claims on `name`, or undefined when it has none. */
+  entry(name: string): BookEntry<X> | undefined {
+    return this.#entries.get(name);
+  }
+
+  /** Every name this server's claims are on. */
+  entries(): IterableIterator<BookEntry<X>> {
+    return this.#entries.values();
+  }
+
+  /** The holder group of an entry (for the rules): how many hold, with which limit. */
+  group(entry: BookEntry<X>): HolderGroup {
+    const g = emptyGroup();
+    const first = entry.holders.values().next();
+    if (!first.done) join(g, first.value.request);
+    g.count = entry.holders.size;
+    return g;
+  }
+
+  /** The monotonic ms of the longest-held grant, or undefined. */
+  oldestGrant(): number | undefined {
+    let oldest: number | undefined;
+    for (const entry of this.#entries.values()) {
+      for (const c of entry.holders) {
+        if (oldest === undefined || c.grantedAt < oldest) oldest = c.grantedAt;
+      }
+    }
+    return oldest;
+  }
+
+  /** Every claim that is not over (for a store that shuts down or loses its backing service). */
+  live(): Claim<X>[] {
+    const out: Claim<X>[] = [];
+    for (const e of this.#entries.values()) out.push(...e.pending, ...e.holders, ...e.waiters);
+    return out;
+  }
+
+  // --- Transitions
+
+  /**
+   * A new request: a pending claim on its name, or, when it would be a new name past
+   * `--max-locks`, a claim refused with `too many locks` (state `done`).
+   */
+  open(request: ClaimRequest, handler: ClaimHandler, ext: X): Claim<X> {
+    const claim = new Claim(request, handler, this.#clock.now(), ext);
+    if (this.#closed) {
+      this.refuse(claim, STORE_UNAVAILABLE);
+      return claim;
+    }
+    let entry = this.#entries.get(request.name);
+    if (entry === undefined) {
+      if (this.#entries.size >= this.#maxLocks) {
+        this.refuse(claim, "too many locks");
+        return claim;
+      }
+      entry = { name: request.name, pending: new Set(), holders: new Set(), waiters: [] };
+      this.#entries.set(request.name, entry);
+    }
+    entry.pending.add(claim);
+    // The wait runs from the request's arrival, also while the store decides.
+    const wait = this.waitOf(request);
+    if (wait > 0) this.#setDeadline(claim, claim.requestedAt + wait * 1000);
+    return claim;
+  }
+
+  /** How long a request may wait, in seconds, `--max-wait` applied (0: it does not wait). */
+  waitOf(request: ClaimRequest): number {
+    const wait = Math.min(request.wait, this.#maxWait);
+    return wait > 0 ? wait : 0;
+  }
+
+  /** The claim holds the lock (from pending or waiting), with `token`. */
+  grant(claim: Claim<X>, token: number): void {
+    if (claim.state !== "pending" && claim.state !== "waiting") return;
+    const entry = this.#detach(claim)!;
+    const now = this.#clock.now();
+    claim.state = "holding";
+    claim.token = token;
+    claim.grantedAt = now;
+    claim.grantedWall = this.#clock.wallNow();
+    entry.holders.add(claim);
+    this.#held++;
+    this.counters.acquired++;
+    if (claim.request.ttl !== undefined) this.#setDeadline(claim, now + claim.request.ttl * 1000);
+    this.#onEvent?.({ type: "granted", claim, waitedMs: now - claim.requestedAt });
+    this.#note(claim, GRANTED, token);
+  }
+
+  /**
+   * A pending claim that cannot be granted now: with no wait it is not granted; past
+   * `--max-waiters` it is refused; else it waits at `position` (1: next in line). True when it
+   * waits.
+   */
+  queue(claim: Claim<X>, position: number): boolean {
+    if (claim.state !== "pending") return false;
+    if (this.waitOf(claim.request) === 0) {
+      this.notGranted(claim);
+      return false;
+    }
+    const entry = this.#entries.get(claim.request.name)!;
+    if (entry.waiters.length >= this.#maxWaiters) {
+      this.refuse(claim, "too many waiters");
+      return false;
+    }
+    entry.pending.delete(claim);
+    claim.state = "waiting";
+    entry.waiters.push(claim);
+    this.#waiting++;
+    this.#onEvent?.({ type: "queued", claim, position });
+    this.position(claim, position);
+    return true;
+  }
+
+  /** Tells a waiter its position, when it went down. */
+  position(claim: Claim<X>, position: number): void {
+    if (claim.state !== "waiting" || position >= claim.positionTold) return;
+    claim.positionTold = position;
+    if (claim.positionDue === 0) this.#note(claim, QUEUED, 0);
+    claim.positionDue = position;
+  }
+
+  /** Taken, and the claim did not ask to wait: it is over. */
+  notGranted(claim: Claim<X>): void {
+    if (claim.state === "done") return;
+    this.#finish(claim);
+    this.counters.notGranted++;
+    this.#onEvent?.({ type: "not_granted", claim });
+    this.#note(claim, NOT_GRANTED, 0);
+  }
+
+  /** Refused by a check: it is over. Works from any state but `done`. */
+  refuse(claim: Claim<X>, reason: Refusal): void {
+    if (claim.state === "done") return;
+    this.#finish(claim);
+    this.counters.refused++;
+    this.#onEvent?.({ type: "refused", claim, reason });
+    this.#note(claim, REFUSED, reason);
+  }
+
+  /**
+   * The store lost the claim (its key vanished, its backing service's lease ran out): a holder
+   * is told `expired`, a waiter `timeout`, a pending claim `err,store unavailable`. The store
+   * cleans up after it itself (no {@linkcode BookHooks.left}).
+   */
+  lose(claim: Claim<X>): void {
+    const from = claim.state;
+    if (from === "pending") return this.refuse(claim, STORE_UNAVAILABLE);
+    if (from === "waiting") return this.#timeOut(claim, false);
+    if (from === "holding") this.#expire(claim, false);
+  }
+
+  /**
+   * The owner ends its claim (release, disconnect, shutdown): its handler hears nothing more,
+   * and the store frees it. Resolves once the lock is free in the store.
+   */
+  end(claim: Claim<X>, reason: EndReason): Promise<void> {
+    if (claim.closed) return RESOLVED;
+    claim.closed = true;
+    const from = claim.state;
+    if (from === "done") return RESOLVED;
+    const now = this.#clock.now();
+    this.#finish(claim);
+    const heldMs = from === "holding" ? now - claim.grantedAt : 0;
+    this.#onEvent?.({ type: "ended", claim, reason, heldMs });
+    return this.#hooks.left(claim, from, reason) ?? RESOLVED;
+  }
+
+  /** Renews a holder's lease: its deadline moves to now + ttl. */
+  renew(claim: Claim<X>): void {
+    if (claim.state !== "holding" || claim.request.ttl === undefined) return;
+    // The heap keeps the old, earlier key; the timer files the claim again when it comes up.
+    claim.deadline = this.#clock.now() + claim.request.ttl * 1000;
+  }
+
+  /** Stops the timer; every later request is refused. The store ends the claims itself. */
+  close(): void {
+    this.#closed = true;
+    this.#clock.clear(this.#timer);
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
+  }
+
+  // --- Internals
+
+  /** Takes a live claim out of its entry's set (and off the heap); returns the entry. */
+  #detach(claim: Claim<X>): BookEntry<X> | undefined {
+    const entry = this.#entries.get(claim.request.name);
+    if (entry === undefined) return undefined; // refused before it was filed
+    if (claim.state === "pending") {
+      entry.pending.delete(claim);
+    } else if (claim.state === "waiting") {
+      entry.waiters.splice(entry.waiters.indexOf(claim), 1);
+      this.#waiting--;
+    } else if (claim.state === "holding") {
+      entry.holders.delete(claim);
+      this.#held--;
+    }
+    this.#heap.remove(claim);
+    claim.deadline = Infinity;
+    return entry;
+  }
+
+  /** A live claim is over: out of its entry (the entry goes when empty), state `done`. */
+  #finish(claim: Claim<X>): void {
+    const entry = this.#detach(claim);
+    claim.state = "done";
+    if (entry === undefined) return;
+    if (entry.pending.size === 0 && entry.holders.size === 0 && entry.waiters.length === 0) {
+      this.#entries.delete(entry.name);
+    }
+  }
+
+  #timeOut(claim: Claim<X>, tellStore: boolean): void {
+    const from = claim.state;
+    const now = this.#clock.now();
+    this.#finish(claim);
+    this.counters.timedOut++;
+    this.#onEvent?.({ type: "timeout", claim, waitedMs: now - claim.requestedAt });
+    this.#note(claim, TIMED_OUT, 0);
+    if (tellStore) this.#tellLeft(claim, from, "timeout");
+  }
+
+  #expire(claim: Claim<X>, tellStore: boolean): void {
+    const now = this.#clock.now();
+    this.#finish(claim);
+    this.counters.expired++;
+    this.#onEvent?.({ type: "ended", claim, reason: "expired", heldMs: now - claim.grantedAt });
+    this.#note(claim, EXPIRED, 0);
+    if (tellStore) this.#tellLeft(claim, "holding", "expired");
+  }
+
+  #tellLeft(claim: Claim<X>, from: ClaimState, reason: EndReason): void {
+    const done = this.#hooks.left(claim, from, reason);
+    // The store reports its own failures; nothing waits for this one.
+    if (done !== undefined) done.catch(() => {});
+  }
+
+  // The deadlines: one timer, armed for the earliest one.
+
+  #setDeadline(claim: Claim<X>, at: number): void {
+    claim.deadline = at;
+    this.#heap.remove(claim);
+    this.#heap.insert(claim, at);
+    if (at < this.#timerAt) this.#arm(at);
+  }
+
+  #arm(at: number): void {
+    if (this.#closed) return;
+    this.#clock.clear(this.#timer);
+    this.#timerAt = at;
+    this.#timer = this.#clock.setTimer(() => this.#fire(), Math.ceil(at - this.#clock.now()));
+  }
+
+  #fire(): void {
+    this.#timer = undefined;
+    this.#timerAt = Infinity;
+    const now = this.#clock.now();
+    for (;;) {
+      const claim = this.#heap.peek();
+      if (claim === undefined || claim.heapKey > now) break;
+      this.#heap.remove(claim);
+      if (claim.deadline > now) {
+        // Renewed since it was filed: file it again under its current deadline.
+        this.#heap.insert(claim, claim.deadline);
+        continue;
+      }
+      if (claim.state === "holding") this.#expire(claim, true);
+      else this.#timeOut(claim, true);
+    }
+    const next = this.#heap.peek();
+    if (next !== undefined) this.#arm(next.heapKey);
+  }
+
+  // The outbox: outcomes reach handlers after the store's call has returned.
+
+  #note(claim: Claim<X>, note: Note, arg: unknown): void {
+    this.#outbox.push(claim, note, arg);
+    if (!this.#flushing) {
+      this.#flushing = true;
+      queueMicrotask(() => this.#flush());
+    }
+  }
+
+  #flush(): void {
+    // Handlers may cause more notes (a session that ends its claim): they go to a new batch.
+    const box = this.#outbox;
+    this.#outbox = [];
+    this.#flushing = false;
+    for (let i = 0; i < box.length; i += 3) {
+      const claim = box[i] as Claim<X>;
+      if (claim.closed) continue;
+      const h = claim.handler;
+      try {
+        switch (box[i + 1] as Note) {
+          case GRANTED:
+            h.granted(box[i + 2] as number);
+            break;
+          case QUEUED: {
+            const p = claim.positionDue;
+            claim.positionDue = 0;
+            if (claim.state === "waiting" && p > 0) h.queued(p);
+            break;
+          }
+          case NOT_GRANTED:
+            h.notGranted();
+            break;
+          case REFUSED:
+            h.refused(box[i + 2] as Refusal);
+            break;
+          case TIMED_OUT:
+            h.timedOut();
+            break;
+          case EXPIRED:
+            h.expired();
+            break;
+        }
+      } catch (err) {
+        // A handler's failure is its own; the others still hear their outcomes.
+        queueMicrotask(() => {
+          throw err;
+        });
+      }
+    }
+  }
+}

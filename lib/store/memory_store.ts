@@ -1,0 +1,208 @@
+/**
+ * The memory store: the locks live in this process. Its queues are the claim book's own lists
+ * (this server sees every claim), its deadlines are the book's, its tokens come from a
+ * {@linkcode TokenSource} (the clock, and a high-water mark file with `--state-file`).
+ *
+ * @module
+ */
+
+import { getLogger } from "../log.ts";
+import { ErrorReason, type LockInfo } from "../protocol.ts";
+import { TokenSequence, type TokenSource } from "../tokens.ts";
+import { type BookEntry, type Claim, ClaimBook, type ClaimBookOptions } from "./claim_book.ts";
+import { conflicts, fits, join } from "./rules.ts";
+import {
+  type ClaimHandler,
+  type ClaimRequest,
+  type ClaimView,
+  type EndReason,
+  type LockStore,
+  STORE_UNAVAILABLE,
+  type StoreCounters,
+} from "./types.ts";
+
+/** Options of a {@linkcode MemoryStore}. */
+export interface MemoryStoreOptions extends ClaimBookOptions {
+  /** Where fencing tokens come from (default: a clock-seeded {@linkcode TokenSequence}). */
+  tokens?: TokenSource;
+}
+
+const log = getLogger(["tcpnetlock", "store"]);
+
+/**
+ * The in-memory lock store.
+ *
+ * @example
+ * ```ts
+ * import { MemoryStore } from "./memory_store.ts";
+ * const store = new MemoryStore();
+ * await store.start();
+ * const claim = store.acquire(
+ *   { name: "db", limit: 1, wait: 0, clientId: "", remote: "127.0.0.1:1" },
+ *   {
+ *     granted: (t) => console.log("token", t),
+ *     queued() {}, notGranted() {}, refused() {}, timedOut() {}, expired() {},
+ *   },
+ * );
+ * await store.end(claim, "released");
+ * await store.close();
+ * ```
+ */
+export class MemoryStore implements LockStore {
+  readonly #book: ClaimBook<undefined>;
+  readonly #tokens: TokenSource;
+  /** Names whose waiters moved up: told their positions once, after the current call. */
+  readonly #moved = new Set<string>();
+  #moveScheduled = false;
+
+  constructor(options: MemoryStoreOptions = {}) {
+    this.#tokens = options.tokens ?? new TokenSequence();
+    this.#book = new ClaimBook({ left: (claim) => this.#handOver(claim.request.name) }, options);
+  }
+
+  get counters(): Readonly<StoreCounters> {
+    return this.#book.counters;
+  }
+
+  get heldNames(): number {
+    return this.#book.heldNames;
+  }
+
+  get holders(): number {
+    return this.#book.holders;
+  }
+
+  get waiting(): number {
+    return this.#book.waiting;
+  }
+
+  get tokensIssued(): number {
+    return this.#tokens.issued;
+  }
+
+  /** Names held or waited on. */
+  get size(): number {
+    return this.#book.size;
+  }
+
+  /** Reserves the first block of tokens, so that an unwritable state file shows at start-up. */
+  start(): Promise<void> {
+    this.#tokens.prepare?.();
+    return Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    for (const claim of this.#book.live()) this.#book.end(claim, "shutdown");
+    this.#book.close();
+    return Promise.resolve();
+  }
+
+  /**
+   * Checks in protocol order: `--max-locks` for a new name (the book), limit mismatch, then
+   * grant, or queue (`--max-waiters`), or not-granted.
+   */
+  acquire(request: ClaimRequest, handler: ClaimHandler): ClaimView {
+    const book = this.#book;
+    const claim = book.open(request, handler, undefined);
+    if (claim.state !== "pending") return claim;
+    const entry = book.entry(request.name)!;
+    const other = first(entry);
+    if (other !== undefined && conflicts(request, other.request)) {
+      book.refuse(claim, ErrorReason.LIMIT_MISMATCH);
+    } else if (entry.waiters.length === 0 && fits(book.group(entry), request)) {
+      this.#grant(claim);
+    } else {
+      book.queue(claim, entry.waiters.length + 1);
+    }
+    return claim;
+  }
+
+  end(claim: ClaimView, reason: EndReason): Promise<void> {
+    return this.#book.end(claim as Claim<undefined>, reason);
+  }
+
+  renew(claim: ClaimView): void {
+    this.#book.renew(claim as Claim<undefined>);
+  }
+
+  settled(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  oldestGrant(): number | undefined {
+    return this.#book.oldestGrant();
+  }
+
+  /** What `.locks` shows: every name held or waited on. */
+  snapshot(): LockInfo[] {
+    const out: LockInfo[] = [];
+    for (const entry of this.#book.entries()) {
+      const any = first(entry);
+      if (any === undefined) continue;
+      out.push({
+        name: entry.name,
+        limit: any.request.limit,
+        waiting: entry.waiters.length,
+        holders: [...entry.holders].map((c) => ({
+          client_id: c.request.clientId,
+          token: c.token,
+          since: new Date(c.grantedWall).toISOString(),
+          remote: c.request.remote,
+        })),
+      });
+    }
+    return out;
+  }
+
+  /** Takes the token first: a state file that cannot be written refuses the claim. */
+  #grant(claim: Claim<undefined>): boolean {
+    let token: number;
+    try {
+      token = this.#tokens.next();
+    } catch (err) {
+      log.error("Cannot hand out a fencing token for lock {lock}: {error}", {
+        event: "token_failed",
+        lock: claim.request.name,
+        error: err instanceof Error ? err.message : String(err),
+      });
+      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      return false;
+    }
+    this.#book.grant(claim, token);
+    return true;
+  }
+
+  /** A claim left `name`: grant the head of the queue while it fits, then tell positions. */
+  #handOver(name: string): void {
+    const entry = this.#book.entry(name);
+    if (entry === undefined) return;
+    const group = this.#book.group(entry);
+    while (entry.waiters.length > 0 && fits(group, entry.waiters[0].request)) {
+      const next = entry.waiters[0];
+      if (this.#grant(next)) join(group, next.request);
+    }
+    if (entry.waiters.length === 0) return;
+    this.#moved.add(name);
+    if (!this.#moveScheduled) {
+      this.#moveScheduled = true;
+      // Many waiters leaving at once (a queue of 10,000 timing out together) tell the rest
+      // their positions once, not once per departure.
+      queueMicrotask(() => this.#tellPositions());
+    }
+  }
+
+  #tellPositions(): void {
+    this.#moveScheduled = false;
+    for (const name of this.#moved) {
+      const waiters = this.#book.entry(name)?.waiters ?? [];
+      for (let i = 0; i < waiters.length; i++) this.#book.position(waiters[i], i + 1);
+    }
+    this.#moved.clear();
+  }
+}
+
+/** Any claim holding or waiting on the entry's name (they all have the same limit here). */
+function first(entry: BookEntry<undefined>): Claim<undefined> | undefined {
+  const h = entry.holders.values().next();
+  return h.done ? entry.waiters[0] : h.value;
+}
