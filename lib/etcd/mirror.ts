@@ -78,8 +78,8 @@ export class EtcdMirror {
   #knownRev = 0;
   #checkTimer: TimerHandle | undefined;
   #checkingRev = 0;
-  /** Watch responses since the last renewal's look. */
-  #responses = 0;
+  /** When the watch last delivered a response (monotonic ms). */
+  #lastResponseAt = 0;
   #heartbeating = false;
   readonly #settleWaiters: { rev: number; resolve: () => void }[] = [];
   #abort: AbortController | undefined;
@@ -158,12 +158,13 @@ export class EtcdMirror {
   }
 
   /**
-   * The lease's renewal says etcd is at `revision`. If the watch has not reached it and has been
-   * silent since the last renewal, the heartbeat key is written: its write must show up.
+   * The lease's renewal says etcd is at `revision`. If the watch has not reached it and has
+   * delivered nothing for the grace period, the heartbeat key is written: its write must show
+   * up. (etcd's revision also moves with writes outside the prefix, which the watch rightly
+   * does not deliver: the heartbeat tells the two apart.)
    */
   renewalSaw(revision: number): void {
-    const silent = this.#responses === 0;
-    this.#responses = 0;
+    const silent = this.#clock.now() - this.#lastResponseAt >= this.#graceMs;
     if (this.#closed || !silent || revision <= this.#revision || this.#heartbeating) return;
     this.#heartbeating = true;
     this.#events.heartbeat().then(
@@ -254,7 +255,7 @@ export class EtcdMirror {
             resync = true;
             return false;
           }
-          this.#responses++;
+          this.#lastResponseAt = this.#clock.now();
           this.#apply(r);
         });
       } catch (err) {

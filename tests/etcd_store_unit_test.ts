@@ -1,0 +1,315 @@
+// The etcd store on a fake etcd and a fake clock: deterministic, fast, no etcd needed. The same
+// defects are proven against a real etcd (through a fault-injecting proxy) in
+// tests/etcd_faults_test.ts.
+
+import assert from "node:assert/strict";
+import { EtcdStore } from "../lib/etcd/store.ts";
+import type { ClaimRequest, ClaimView } from "../lib/store/types.ts";
+import { FakeClock, flush } from "./_util/fake_clock.ts";
+import { FakeEtcd } from "./_util/fake_etcd.ts";
+
+const PREFIX = "/t";
+
+class Recorder {
+  log: string[] = [];
+  granted(t: number) {
+    this.log.push(`granted:${t}`);
+  }
+  queued(p: number) {
+    this.log.push(`queued:${p}`);
+  }
+  notGranted() {
+    this.log.push("not-granted");
+  }
+  refused(r: string) {
+    this.log.push(`refused:${r}`);
+  }
+  timedOut() {
+    this.log.push("timeout");
+  }
+  expired() {
+    this.log.push("expired");
+  }
+  get last(): string | undefined {
+    return this.log.at(-1);
+  }
+  get token(): number {
+    const g = this.log.find((l) => l.startsWith("granted:"));
+    assert.ok(g, `not granted: ${this.log.join(" ")}`);
+    return Number(g.slice("granted:".length));
+  }
+}
+
+function req(name: string, extra: Partial<ClaimRequest> = {}): ClaimRequest {
+  return { name, limit: 1, wait: 0, clientId: "", remote: "127.0.0.1:1", ...extra };
+}
+
+/** A fake etcd, a fake clock, and servers (stores) on them. */
+class World implements AsyncDisposable {
+  readonly clock = new FakeClock();
+  readonly etcd = new FakeEtcd(this.clock);
+  readonly stores: EtcdStore[] = [];
+
+  async server(leaseTtl = 3): Promise<EtcdStore> {
+    const store = new EtcdStore({
+      endpoints: [],
+      client: this.etcd,
+      clock: this.clock,
+      prefix: PREFIX,
+      leaseTtl,
+    });
+    await store.start();
+    this.stores.push(store);
+    return store;
+  }
+
+  /** Asks `store` and lets the outcome arrive. */
+  async ask(store: EtcdStore, r: ClaimRequest, h: Recorder): Promise<ClaimView> {
+    const claim = store.acquire(r, h);
+    await flush();
+    await flush();
+    return claim;
+  }
+
+  keys(name: string): string[] {
+    return this.etcd.keys(`${PREFIX}/${name}/`).map((kv) => kv.key);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    this.etcd.heal();
+    this.etcd.resumeWatches();
+    const closing = Promise.all(this.stores.map((s) => s.close()));
+    // close() waits up to 2 s (fake) for writes in flight.
+    await this.clock.advance(3000);
+    await closing;
+  }
+}
+
+Deno.test("etcd store (fake): a free lock is granted by the write of its key; the token is that write's revision", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const h = new Recorder();
+  await w.ask(a, req("x"), h);
+  const [key] = w.etcd.keys(`${PREFIX}/x/`);
+  assert.deepEqual(h.log, [`granted:${key.createRevision}`]);
+  const txns = w.etcd.calls.filter((c) => c.kind === "txn");
+  assert.equal(txns.length, 1, "one round trip: the grant check is inside the creating txn");
+  const n = new Recorder();
+  await w.ask(a, req("x"), n);
+  assert.deepEqual(n.log, ["not-granted"]);
+  assert.equal(w.keys("x").length, 1, "the refused request's key is gone");
+});
+
+Deno.test("etcd store (fake): a waiter's token is the revision of its grant, newer than every token before it", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const holder = new Recorder();
+  const held = await w.ask(a, req("x"), holder);
+  const waiter = new Recorder();
+  await w.ask(b, req("x", { wait: 30 }), waiter);
+  assert.deepEqual(waiter.log, ["queued:1"]);
+  // Another name is granted on the other server after the waiter queued.
+  const other = new Recorder();
+  await w.ask(a, req("y"), other);
+  await a.end(held, "released");
+  await flush();
+  await flush();
+  assert.ok(
+    waiter.token > other.token,
+    `a token handed out later (${waiter.token}) must be larger than one before (${other.token})`,
+  );
+  assert.ok(other.token > holder.token);
+});
+
+Deno.test("etcd store (fake): one server places its requests for a name in arrival order", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const holder = new Recorder();
+  await w.ask(b, req("x"), holder);
+  // The network holds a's transactions back; were they all sent at once, releasing them
+  // newest first would queue them in the reverse order.
+  w.etcd.hold("txn");
+  const hs = [new Recorder(), new Recorder(), new Recorder()];
+  for (const h of hs) a.acquire(req("x", { wait: 30, clientId: String(hs.indexOf(h)) }), h);
+  await flush();
+  assert.equal(w.etcd.held, 1, "the second request for x waits for the first one's answer");
+  for (let i = 0; i < 3; i++) {
+    w.etcd.release("lifo");
+    await flush();
+    await flush();
+  }
+  assert.equal(w.etcd.held, 0);
+  const order = w.etcd.keys(`${PREFIX}/x/`).slice(1).map((kv) => JSON.parse(kv.value).client_id);
+  assert.deepEqual(order, ["0", "1", "2"]);
+  assert.deepEqual(hs.map((h) => h.log), [["queued:1"], ["queued:2"], ["queued:3"]]);
+});
+
+Deno.test("etcd store (fake): never two holders across mixed limits, whatever stale keys lie ahead", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const h1 = new Recorder();
+  const c1 = await w.ask(a, req("x"), h1);
+  // A limit:3 request whose server died right after writing its key: the key stays until the
+  // dead server's lease runs out.
+  const dead = w.etcd.grantLease(10);
+  w.etcd.put(
+    `${PREFIX}/x/dead-1`,
+    JSON.stringify({ owner: "dead-1", limit: 3, client_id: "", remote: "", since: "" }),
+    dead,
+  );
+  await flush();
+  const waiter = new Recorder();
+  await w.ask(b, req("x", { wait: 30 }), waiter);
+  assert.deepEqual(waiter.log, ["refused:limit mismatch"], "a limit:3 key is ahead");
+  await a.end(c1, "released");
+  await flush();
+  // The stale limit:3 key is at the head now: a limit:3 request may hold beside it (a phantom,
+  // within its limit), a limit:1 request may not.
+  const three = new Recorder();
+  await w.ask(b, req("x", { limit: 3, wait: 30 }), three);
+  const one = new Recorder();
+  await w.ask(a, req("x", { wait: 30 }), one);
+  assert.equal(three.last?.startsWith("granted:"), true);
+  assert.deepEqual(one.log, ["refused:limit mismatch"]);
+  // The dead server's lease runs out: its key goes; nothing changes for the others.
+  await w.clock.advance(11_000);
+  w.etcd.expireLeases();
+  await flush();
+  assert.equal(three.log.length, 1, "the limit:3 holder still holds");
+});
+
+Deno.test("etcd store (fake): a waiter placed behind a limit:1 holder never holds beside a later limit:3 holder", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const h1 = new Recorder();
+  const c1 = await w.ask(a, req("x"), h1);
+  const waiter = new Recorder();
+  await w.ask(b, req("x", { wait: 30 }), waiter);
+  assert.deepEqual(waiter.log, ["queued:1"]);
+  const dead = w.etcd.grantLease(10);
+  w.etcd.put(
+    `${PREFIX}/x/dead-1`,
+    JSON.stringify({ owner: "dead-1", limit: 3, client_id: "", remote: "", since: "" }),
+    dead,
+  );
+  await flush();
+  await a.end(c1, "released");
+  await flush();
+  await flush();
+  assert.equal(waiter.last?.startsWith("granted:"), true);
+  const three = new Recorder();
+  await w.ask(a, req("x", { limit: 3, wait: 30 }), three);
+  assert.deepEqual(three.log, ["refused:limit mismatch"]);
+});
+
+Deno.test("etcd store (fake): released is answered only once the key is gone; a failed delete is tried again", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const h = new Recorder();
+  const claim = await w.ask(a, req("x"), h);
+  w.etcd.fail("delete");
+  let released = false;
+  const done = a.end(claim, "released").then(() => released = true);
+  await w.clock.advance(2000);
+  assert.equal(released, false, "no answer while the key is still in etcd");
+  assert.equal(w.keys("x").length, 1);
+  const tries = w.etcd.calls.filter((c) => c.kind === "delete").length;
+  assert.ok(tries >= 3, `the delete is tried again (${tries} tries)`);
+  w.etcd.heal();
+  await w.clock.advance(1000);
+  await done;
+  assert.equal(released, true);
+  assert.equal(w.keys("x").length, 0);
+});
+
+Deno.test("etcd store (fake): a silently stalled watch is found from the lease's revisions and opened again", async () => {
+  await using w = new World();
+  const a = await w.server(3);
+  const b = await w.server(3);
+  const holder = new Recorder();
+  const held = await w.ask(a, req("x"), holder);
+  const waiter = new Recorder();
+  await w.ask(b, req("x", { wait: 30 }), waiter);
+  assert.deepEqual(waiter.log, ["queued:1"]);
+  // Every open watch stops delivering, without a word; watches opened later work.
+  w.etcd.stallWatches();
+  await a.end(held, "released");
+  await flush();
+  assert.deepEqual(waiter.log, ["queued:1"], "b's watch does not deliver the release");
+  // b has only a waiter: it writes nothing by itself. Its lease renewal (every ttl/3 = 1 s)
+  // sees etcd ahead of its watch; the heartbeat it writes does not show up within the grace
+  // (ttl/5 = 600 ms): the watch is opened again and delivers what was missed.
+  await w.clock.advance(1000 + 600 + 50);
+  assert.equal(waiter.last?.startsWith("granted:"), true, waiter.log.join(" "));
+  assert.ok(b.watchReconnects >= 1);
+});
+
+Deno.test("etcd store (fake): a lost lease expires holders, times out waiters, refuses new requests, then recovers", async () => {
+  await using w = new World();
+  const a = await w.server(3);
+  const holder = new Recorder();
+  await w.ask(a, req("x"), holder);
+  const waiter = new Recorder();
+  await w.ask(a, req("x", { wait: 60 }), waiter);
+  // etcd cannot be reached any more.
+  for (const kind of ["txn", "delete", "grant", "keepalive", "revoke"] as const) w.etcd.fail(kind);
+  // Guard: given up 600 ms (ttl/5) before the 3 s lease could run out in etcd.
+  await w.clock.advance(2300);
+  assert.deepEqual(holder.log.slice(1), [], "still valid 700 ms before the lease could end");
+  await w.clock.advance(200);
+  assert.deepEqual(holder.log.slice(1), ["expired"]);
+  assert.deepEqual(waiter.log, ["queued:1", "timeout"]);
+  const refused = new Recorder();
+  await w.ask(a, req("z"), refused);
+  assert.deepEqual(refused.log, ["refused:store unavailable"]);
+  assert.equal(a.available, false);
+  w.etcd.heal();
+  await w.clock.advance(1100);
+  // The old lease was revoked (its keys are gone) and there is a new one.
+  assert.equal(w.keys("x").length, 0);
+  assert.equal(a.available, true);
+  const again = new Recorder();
+  await w.ask(a, req("x"), again);
+  assert.equal(again.last?.startsWith("granted:"), true);
+});
+
+Deno.test("etcd store (fake): a request withdrawn while its transaction is out leaves no key; the wait runs from arrival", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const holder = new Recorder();
+  await w.ask(b, req("x"), holder);
+  w.etcd.hold("txn");
+  const gone = new Recorder();
+  const withdrawn = a.acquire(req("x", { wait: 30 }), gone);
+  await flush();
+  await a.end(withdrawn, "disconnected");
+  const late = new Recorder();
+  a.acquire(req("q", { wait: 1 }), late);
+  await w.clock.advance(1000);
+  assert.deepEqual(late.log, ["timeout"], "the wait counts while the store decides");
+  w.etcd.release();
+  await flush();
+  await w.clock.advance(100);
+  assert.deepEqual(gone.log, [], "the owner ended it: it hears nothing");
+  assert.equal(w.keys("x").length, 1, "only the holder's key is left");
+  assert.equal(w.keys("q").length, 0);
+});
+
+Deno.test("etcd store (fake): a transaction retried after a lost answer is granted by a write of its own", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const before = new Recorder();
+  await w.ask(a, req("y"), before);
+  w.etcd.twice("txn", (keys) => keys.some((k) => k.startsWith(`${PREFIX}/x/`)), 1);
+  const h = new Recorder();
+  await w.ask(a, req("x"), h);
+  assert.equal(h.last?.startsWith("granted:"), true, h.log.join(" "));
+  const [kv] = w.etcd.keys(`${PREFIX}/x/`);
+  assert.ok(h.token > kv.createRevision, "not the create revision: a grant write's revision");
+  assert.ok(h.token > before.token);
+});
