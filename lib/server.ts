@@ -20,7 +20,7 @@ import {
   type Stats,
 } from "./protocol.ts";
 import { type Conn, Session, type SessionHost } from "./session.ts";
-import { TokenSequence } from "./tokens.ts";
+import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
 
 /** Options of {@linkcode startServer}. Times are in seconds. */
@@ -49,6 +49,8 @@ export interface ServerOptions {
   allowRemoteShutdown?: boolean;
   /** Keep the fencing token high-water mark in this file. */
   stateFile?: string;
+  /** Where the memory store's fencing tokens come from (default: the clock and `stateFile`). */
+  tokens?: TokenSource;
   /** Told of every lock store event (metrics). */
   onEvent?: (event: StoreEvent) => void;
   /** Keep the locks in etcd (shared by every server on the same etcd and prefix), not in memory. */
@@ -241,7 +243,10 @@ class ServerImpl implements LockServer, SessionHost {
     };
     this.table = options.etcd !== undefined
       ? new EtcdStore({ ...options.etcd, ...book })
-      : new MemoryStore({ ...book, tokens: new TokenSequence({ stateFile: options.stateFile }) });
+      : new MemoryStore({
+        ...book,
+        tokens: options.tokens ?? new TokenSequence({ stateFile: options.stateFile }),
+      });
     this.finished = new Promise((resolve) => this.#resolveFinished = resolve);
   }
 
