@@ -6,39 +6,10 @@ import assert from "node:assert/strict";
 import { EtcdStore } from "../lib/etcd/store.ts";
 import type { ClaimRequest, ClaimView } from "../lib/store/types.ts";
 import { FakeClock, flush } from "./_util/fake_clock.ts";
+import { Recorder } from "./_util/recorder.ts";
 import { FakeEtcd } from "./_util/fake_etcd.ts";
 
 const PREFIX = "/t";
-
-class Recorder {
-  log: string[] = [];
-  granted(t: number) {
-    this.log.push(`granted:${t}`);
-  }
-  queued(p: number) {
-    this.log.push(`queued:${p}`);
-  }
-  notGranted() {
-    this.log.push("not-granted");
-  }
-  refused(r: string) {
-    this.log.push(`refused:${r}`);
-  }
-  timedOut() {
-    this.log.push("timeout");
-  }
-  expired() {
-    this.log.push("expired");
-  }
-  get last(): string | undefined {
-    return this.log.at(-1);
-  }
-  get token(): number {
-    const g = this.log.find((l) => l.startsWith("granted:"));
-    assert.ok(g, `not granted: ${this.log.join(" ")}`);
-    return Number(g.slice("granted:".length));
-  }
-}
 
 function req(name: string, extra: Partial<ClaimRequest> = {}): ClaimRequest {
   return { name, limit: 1, wait: 0, clientId: "", remote: "127.0.0.1:1", ...extra };

@@ -6,29 +6,7 @@ import { holdingPrefix } from "../lib/store/rules.ts";
 import type { ClaimHandler, ClaimRequest, ClaimView, StoreEvent } from "../lib/store/types.ts";
 import { TokenSequence } from "../lib/tokens.ts";
 import { FakeClock, flush } from "./_util/fake_clock.ts";
-
-class Recorder {
-  log: string[] = [];
-  constructor(readonly id: string) {}
-  granted(t: number) {
-    this.log.push(`granted:${t}`);
-  }
-  queued(p: number) {
-    this.log.push(`queued:${p}`);
-  }
-  notGranted() {
-    this.log.push("not-granted");
-  }
-  refused(r: string) {
-    this.log.push(`refused:${r}`);
-  }
-  timedOut() {
-    this.log.push("timeout");
-  }
-  expired() {
-    this.log.push("expired");
-  }
-}
+import { Recorder } from "./_util/recorder.ts";
 
 function setup(opts: { maxWaiters?: number; maxLocks?: number; maxWait?: number } = {}) {
   const clock = new FakeClock();

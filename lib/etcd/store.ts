@@ -30,7 +30,8 @@
 
 import { getLogger } from "../log.ts";
 import { ErrorReason, type LockInfo } from "../protocol.ts";
-import { type Claim, ClaimBook, type ClaimBookOptions } from "../store/claim_book.ts";
+import { BookStore } from "../store/book_store.ts";
+import type { Claim, ClaimBookOptions } from "../store/claim_book.ts";
 import { type Clock, systemClock, type TimerHandle } from "../store/clock.ts";
 import { conflicts, emptyGroup, fits, join, type Ranked } from "../store/rules.ts";
 import {
@@ -38,10 +39,7 @@ import {
   type ClaimRequest,
   type ClaimState,
   type ClaimView,
-  type EndReason,
-  type LockStore,
   STORE_UNAVAILABLE,
-  type StoreCounters,
 } from "../store/types.ts";
 import { type EtcdApi, EtcdClient, type EtcdClientOptions, type KeyValue } from "./client.ts";
 import { encodeInfo, HEARTBEAT_SEGMENT, type KeyInfo, ownerOf, parseInfo } from "./keys.ts";
@@ -105,14 +103,13 @@ function ranked(r: MirrorRecord | KeyValue): Ranked {
  * await store.close();
  * ```
  */
-export class EtcdStore implements LockStore {
+export class EtcdStore extends BookStore<EtcdExt> {
   /** The key prefix, without a trailing `/`. */
   readonly prefix: string;
   /** This server's id in its keys. */
   readonly serverId: string = randomId();
   readonly #etcd: EtcdApi;
   readonly #clock: Clock;
-  readonly #book: ClaimBook<EtcdExt>;
   readonly #lease: EtcdLease;
   readonly #mirror: EtcdMirror;
   readonly #endpoints: string;
@@ -129,14 +126,12 @@ export class EtcdStore implements LockStore {
   #failing = false;
 
   constructor(options: EtcdStoreOptions) {
+    super(options);
     this.prefix = (options.prefix ?? "/tcpnetlock").replace(/\/+$/, "");
     if (this.prefix === "") throw new Error("The etcd prefix must not be empty");
     this.#clock = options.clock ?? systemClock;
     this.#etcd = options.client ?? new EtcdClient(options);
     this.#endpoints = this.#etcd.endpoints.join(",");
-    this.#book = new ClaimBook<EtcdExt>({
-      left: (claim, from) => this.#left(claim, from),
-    }, options);
     this.#lease = new EtcdLease(this.#etcd, options.leaseTtl ?? 10, this.#clock, {
       renewed: (revision) => {
         if (this.#failing) {
@@ -195,26 +190,6 @@ export class EtcdStore implements LockStore {
     return this.#mirror.reconnects;
   }
 
-  get counters(): Readonly<StoreCounters> {
-    return this.#book.counters;
-  }
-
-  get heldNames(): number {
-    return this.#book.heldNames;
-  }
-
-  get holders(): number {
-    return this.#book.holders;
-  }
-
-  get waiting(): number {
-    return this.#book.waiting;
-  }
-
-  get tokensIssued(): number {
-    return this.#book.counters.acquired;
-  }
-
   // --- Life cycle
 
   /** Connects: grants the lease, reads every key, opens the watch. */
@@ -244,8 +219,8 @@ export class EtcdStore implements LockStore {
 
   async #closeNow(): Promise<void> {
     this.#closed = true;
-    for (const claim of this.#book.live()) this.#book.end(claim, "shutdown");
-    this.#book.close();
+    for (const claim of this.book.live()) this.book.end(claim, "shutdown");
+    this.book.close();
     for (const wake of [...this.#wakers]) wake();
     // Let the writes in flight finish, for a moment (each has a deadline of its own too).
     let timer: TimerHandle | undefined;
@@ -265,10 +240,10 @@ export class EtcdStore implements LockStore {
   acquire(request: ClaimRequest, handler: ClaimHandler): ClaimView {
     const key = `${this.prefix}/${request.name}/${this.serverId}-${(++this.#seq).toString(36)}`;
     const ext: EtcdExt = { key, lease: "", rev: 0, written: false, placed: false, granting: false };
-    const claim = this.#book.open(request, handler, ext);
+    const claim = this.book.open(request, handler, ext);
     if (claim.state !== "pending") return claim;
     if (!this.available) {
-      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      this.book.refuse(claim, STORE_UNAVAILABLE);
       return claim;
     }
     this.#byKey.set(key, claim);
@@ -276,20 +251,8 @@ export class EtcdStore implements LockStore {
     return claim;
   }
 
-  end(claim: ClaimView, reason: EndReason): Promise<void> {
-    return this.#book.end(claim as EtcdClaim, reason);
-  }
-
-  renew(claim: ClaimView): void {
-    this.#book.renew(claim as EtcdClaim);
-  }
-
   settled(): Promise<void> {
     return this.#mirror.settled();
-  }
-
-  oldestGrant(): number | undefined {
-    return this.#book.oldestGrant();
   }
 
   /** Every name held or waited on in the whole cluster, as this server's mirror has it. */
@@ -337,7 +300,7 @@ export class EtcdStore implements LockStore {
     const lease = this.#lease.id;
     if (lease === undefined || this.#closed) {
       this.#forget(claim);
-      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      this.book.refuse(claim, STORE_UNAVAILABLE);
       return;
     }
     const { name, limit } = claim.request;
@@ -362,7 +325,7 @@ export class EtcdStore implements LockStore {
       // It may have been applied all the same: the key goes (the sweep catches a late write).
       this.#forget(claim);
       this.#deleteUntilGone(ext);
-      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      this.book.refuse(claim, STORE_UNAVAILABLE);
       return;
     }
     const [mine, range] = result.results;
@@ -381,7 +344,7 @@ export class EtcdStore implements LockStore {
       // Withdrawn while the transaction was out, or written and gone already (lease lost).
       this.#forget(claim);
       this.#deleteUntilGone(ext);
-      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      this.book.refuse(claim, STORE_UNAVAILABLE);
       return;
     }
     const first = range.kind === "range" ? range.kvs : [];
@@ -395,13 +358,13 @@ export class EtcdStore implements LockStore {
       // Among the holders at the revision of its own write: that write granted it. (A retried
       // transaction that found its key written earlier goes through the mirror instead: its
       // grant needs a write of its own, so that its token is the newest revision.)
-      this.#book.grant(claim, ext.rev);
+      this.book.grant(claim, ext.rev);
       return;
     }
-    if (this.#book.waitOf(claim.request) === 0 && at < 0) {
+    if (this.book.waitOf(claim.request) === 0 && at < 0) {
       // Taken (the keys ahead are all of its limit: the rules would make it wait).
       this.#forget(claim);
-      this.#book.notGranted(claim);
+      this.book.notGranted(claim);
       this.#deleteUntilGone(ext);
       return;
     }
@@ -415,7 +378,7 @@ export class EtcdStore implements LockStore {
    * stand, waiters whose turn came are granted, the others learn their position.
    */
   #evaluate(name: string): void {
-    const entry = this.#book.entry(name);
+    const entry = this.book.entry(name);
     if (entry === undefined) return;
     if (entry.waiters.length === 0 && entry.pending.size === 0) return;
     const recs = this.#mirror.records(name);
@@ -441,14 +404,14 @@ export class EtcdStore implements LockStore {
           this.#refuseAndDelete(claim, ErrorReason.LIMIT_MISMATCH);
         } else if (i < held) {
           this.#grantWaiter(claim);
-        } else if (!this.#book.queue(claim, i - held + 1)) {
+        } else if (!this.book.queue(claim, i - held + 1)) {
           // Not granted (no wait) or refused (--max-waiters): the key goes.
           this.#forget(claim);
           this.#deleteUntilGone(ext);
         }
       } else if (claim.state === "waiting") {
         if (i < held) this.#grantWaiter(claim);
-        else this.#book.position(claim, i - held + 1);
+        else this.book.position(claim, i - held + 1);
       }
     }
     // A placed claim whose key the mirror has passed without seeing it: gone already.
@@ -478,7 +441,7 @@ export class EtcdStore implements LockStore {
       }
       this.#mirror.noteOwnWrite(res.revision);
       if (claim.state === "waiting" || claim.state === "pending") {
-        this.#book.grant(claim, res.revision);
+        this.book.grant(claim, res.revision);
       }
     }, (err) => {
       ext.granting = false;
@@ -507,14 +470,14 @@ export class EtcdStore implements LockStore {
 
   #refuseAndDelete(claim: EtcdClaim, reason: "limit mismatch"): void {
     this.#forget(claim);
-    this.#book.refuse(claim, reason);
+    this.book.refuse(claim, reason);
     this.#deleteUntilGone(claim.ext);
   }
 
   // --- A claim's way out
 
   /** The book says a claim left: its key goes. A release is answered once it has. */
-  #left(claim: EtcdClaim, from: ClaimState): Promise<void> {
+  protected left(claim: EtcdClaim, from: ClaimState): Promise<void> {
     this.#forget(claim);
     const ext = claim.ext;
     if (from === "pending" && ext.rev === 0) {
@@ -537,7 +500,7 @@ export class EtcdStore implements LockStore {
         why,
       });
     }
-    this.#book.lose(claim);
+    this.book.lose(claim);
   }
 
   #forget(claim: EtcdClaim): void {
@@ -631,7 +594,7 @@ export class EtcdStore implements LockStore {
     log.error(
       "Lost the etcd lease: {why}; holders get expired, waiters timeout, new requests " +
         "err,store unavailable until etcd answers again",
-      { event: "etcd_lease_lost", why, holders: this.#book.holders, waiting: this.#book.waiting },
+      { event: "etcd_lease_lost", why, holders: this.book.holders, waiting: this.book.waiting },
     );
     for (const claim of [...this.#byKey.values()]) this.#lost(claim, "the etcd lease was lost");
   }

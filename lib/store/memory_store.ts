@@ -9,16 +9,14 @@
 import { getLogger } from "../log.ts";
 import { ErrorReason, type LockInfo } from "../protocol.ts";
 import { TokenSequence, type TokenSource } from "../tokens.ts";
-import { type BookEntry, type Claim, ClaimBook, type ClaimBookOptions } from "./claim_book.ts";
+import { BookStore } from "./book_store.ts";
+import type { BookEntry, Claim, ClaimBookOptions } from "./claim_book.ts";
 import { conflicts, fits, join } from "./rules.ts";
 import {
   type ClaimHandler,
   type ClaimRequest,
   type ClaimView,
-  type EndReason,
-  type LockStore,
   STORE_UNAVAILABLE,
-  type StoreCounters,
 } from "./types.ts";
 
 /** Options of a {@linkcode MemoryStore}. */
@@ -48,41 +46,19 @@ const log = getLogger(["tcpnetlock", "store"]);
  * await store.close();
  * ```
  */
-export class MemoryStore implements LockStore {
-  readonly #book: ClaimBook<undefined>;
+export class MemoryStore extends BookStore<undefined> {
   readonly #tokens: TokenSource;
   /** Names whose waiters moved up: told their positions once, after the current call. */
   readonly #moved = new Set<string>();
   #moveScheduled = false;
 
   constructor(options: MemoryStoreOptions = {}) {
+    super(options);
     this.#tokens = options.tokens ?? new TokenSequence();
-    this.#book = new ClaimBook({ left: (claim) => this.#handOver(claim.request.name) }, options);
   }
 
-  get counters(): Readonly<StoreCounters> {
-    return this.#book.counters;
-  }
-
-  get heldNames(): number {
-    return this.#book.heldNames;
-  }
-
-  get holders(): number {
-    return this.#book.holders;
-  }
-
-  get waiting(): number {
-    return this.#book.waiting;
-  }
-
-  get tokensIssued(): number {
-    return this.#tokens.issued;
-  }
-
-  /** Names held or waited on. */
-  get size(): number {
-    return this.#book.size;
+  protected left(claim: Claim<undefined>): void {
+    this.#handOver(claim.request.name);
   }
 
   /** Reserves the first block of tokens, so that an unwritable state file shows at start-up. */
@@ -92,8 +68,8 @@ export class MemoryStore implements LockStore {
   }
 
   close(): Promise<void> {
-    for (const claim of this.#book.live()) this.#book.end(claim, "shutdown");
-    this.#book.close();
+    for (const claim of this.book.live()) this.book.end(claim, "shutdown");
+    this.book.close();
     return Promise.resolve();
   }
 
@@ -102,7 +78,7 @@ export class MemoryStore implements LockStore {
    * grant, or queue (`--max-waiters`), or not-granted.
    */
   acquire(request: ClaimRequest, handler: ClaimHandler): ClaimView {
-    const book = this.#book;
+    const book = this.book;
     const claim = book.open(request, handler, undefined);
     if (claim.state !== "pending") return claim;
     const entry = book.entry(request.name)!;
@@ -117,26 +93,14 @@ export class MemoryStore implements LockStore {
     return claim;
   }
 
-  end(claim: ClaimView, reason: EndReason): Promise<void> {
-    return this.#book.end(claim as Claim<undefined>, reason);
-  }
-
-  renew(claim: ClaimView): void {
-    this.#book.renew(claim as Claim<undefined>);
-  }
-
   settled(): Promise<void> {
     return Promise.resolve();
-  }
-
-  oldestGrant(): number | undefined {
-    return this.#book.oldestGrant();
   }
 
   /** What `.locks` shows: every name held or waited on. */
   snapshot(): LockInfo[] {
     const out: LockInfo[] = [];
-    for (const entry of this.#book.entries()) {
+    for (const entry of this.book.entries()) {
       const any = first(entry);
       if (any === undefined) continue;
       out.push({
@@ -165,18 +129,18 @@ export class MemoryStore implements LockStore {
         lock: claim.request.name,
         error: err instanceof Error ? err.message : String(err),
       });
-      this.#book.refuse(claim, STORE_UNAVAILABLE);
+      this.book.refuse(claim, STORE_UNAVAILABLE);
       return false;
     }
-    this.#book.grant(claim, token);
+    this.book.grant(claim, token);
     return true;
   }
 
   /** A claim left `name`: grant the head of the queue while it fits, then tell positions. */
   #handOver(name: string): void {
-    const entry = this.#book.entry(name);
+    const entry = this.book.entry(name);
     if (entry === undefined) return;
-    const group = this.#book.group(entry);
+    const group = this.book.group(entry);
     while (entry.waiters.length > 0 && fits(group, entry.waiters[0].request)) {
       const next = entry.waiters[0];
       if (this.#grant(next)) join(group, next.request);
@@ -194,8 +158,8 @@ export class MemoryStore implements LockStore {
   #tellPositions(): void {
     this.#moveScheduled = false;
     for (const name of this.#moved) {
-      const waiters = this.#book.entry(name)?.waiters ?? [];
-      for (let i = 0; i < waiters.length; i++) this.#book.position(waiters[i], i + 1);
+      const waiters = this.book.entry(name)?.waiters ?? [];
+      for (let i = 0; i < waiters.length; i++) this.book.position(waiters[i], i + 1);
     }
     this.#moved.clear();
   }
