@@ -82,63 +82,65 @@ Deno.test({
     await using proxy = await startEtcdProxy(etcd);
     await using a = await serverVia(etcd, prefix);
     // The server of the refused request: cut off from etcd right after its write.
+    // (S closes while still cut off: closing a server while it recovers its lease is not what
+    // this test is about.)
     await using s = await serverVia(proxy, prefix, { leaseTtl: 2, timeoutMs: 500 });
-    try {
-      await using h = await RawClient.connect(a.port);
-      const tH = token(await h.request(`lock,name:${name},wait:0,client-id:h`), "h");
+    await using h = await RawClient.connect(a.port);
+    const tH = token(await h.request(`lock,name:${name},wait:0,client-id:h`), "h");
 
-      // R (limit:3) on S: etcd applies its transaction (the key is written, the request is
-      // refused: H holds with limit 1), but S never hears back and is cut off before it can
-      // delete the key. The key lives on until S's lease runs out in etcd.
-      using hang = proxy.hangAfterForward({ path: "/v3/kv/txn", put: keys }, { times: 1 });
-      await using r = await RawClient.connect(s.port);
-      await r.write(`lock,name:${name},limit:3,wait:0,client-id:r\n`);
-      const rAnswer = r.line();
-      rAnswer.catch(() => {});
-      const first = await Promise.race([
-        proxy.waitFor({ put: keys }, { until: "withheld", timeoutMs: 15_000 }).then(() => null),
-        rAnswer,
-      ]);
-      if (first !== null) {
-        // A store that refuses R without writing a key leaves nothing to outlive the refusal.
-        assert.equal(first, "err,limit mismatch");
-        assert.equal((await keysIn(etcd, keys)).length, 1, "only H's key is in etcd");
-        return;
-      }
-      await hang.hit(1);
-      proxy.cut();
-      assert.equal((await keysIn(etcd, keys)).length, 2, "H's key and R's key are in etcd");
+    // R (limit:3) on S: etcd applies its transaction (the key is written, the request is
+    // refused: H holds with limit 1), but S never hears back and is cut off before it can
+    // delete the key. The key lives on until S's lease runs out in etcd.
+    using hang = proxy.hangAfterForward({ path: "/v3/kv/txn", put: keys }, { times: 1 });
+    await using r = await RawClient.connect(s.port);
+    await r.write(`lock,name:${name},limit:3,wait:0,client-id:r\n`);
+    const rAnswer = r.line();
+    rAnswer.catch(() => {});
+    const first = await Promise.race([
+      proxy.waitFor({ put: keys }, { until: "withheld", timeoutMs: 15_000 }).then(() => null),
+      rAnswer,
+    ]);
+    if (first !== null) {
+      // A store that refuses R without writing a key leaves nothing to outlive the refusal.
+      assert.equal(first, "err,limit mismatch");
+      assert.equal((await keysIn(etcd, keys)).length, 1, "only H's key is in etcd");
+      return;
+    }
+    await hang.hit(1);
+    proxy.cut();
+    assert.equal((await keysIn(etcd, keys)).length, 2, "H's key and R's key are in etcd");
 
-      // W (limit:1) waits on A, then H lets go.
-      await using w = await RawClient.connect(a.port);
-      const wFirst = await w.request(`lock,name:${name},wait:30,client-id:w`);
-      assert.match(wFirst ?? "", /^(queued,position:\d+|err,limit mismatch)$/, "w");
-      assert.equal(await h.request("release"), "released");
+    // W (limit:1) waits on A, then H lets go.
+    await using w = await RawClient.connect(a.port);
+    const wFirst = await w.request(`lock,name:${name},wait:30,client-id:w`);
+    assert.match(wFirst ?? "", /^(queued,position:\d+|err,limit mismatch)$/, "w");
+    assert.equal(await h.request("release"), "released");
 
-      // L (limit:3), later, on A: a limit:1 request waits, so L must not be granted.
-      await using l = await RawClient.connect(a.port);
-      const lReply = await l.request(`lock,name:${name},limit:3,wait:0,client-id:l`);
-      const lHolds = /^ok,/.test(lReply ?? "");
+    // L (limit:3), later, on A: a limit:1 request waits, so L must not be granted.
+    await using l = await RawClient.connect(a.port);
+    const lReply = await l.request(`lock,name:${name},limit:3,wait:0,client-id:l`);
+    const lHolds = /^ok,/.test(lReply ?? "");
 
-      // W is granted once R's key is gone (S's lease ran out); L, if granted, still holds.
-      let wReply: string | null = wFirst;
-      if (wFirst?.startsWith("queued,")) {
-        wReply = await finalReply(w, 20_000, "W's grant after the stale key went");
-      }
-      const wHolds = /^ok,/.test(wReply ?? "");
-      assert.deepEqual(
-        { lGranted: lHolds, twoHolders: lHolds && wHolds },
-        { lGranted: false, twoHolders: false },
-        `L (limit:3) got ${lReply} while W (limit:1) waited; then W got ${wReply}: ` +
-          (lHolds && wHolds ? "two holders of a limit:1 lock" : "a grant across mixed limits"),
-      );
-      if (wFirst?.startsWith("queued,")) {
-        const tW = token(wReply, "w");
-        assert.ok(tW > tH, `W's token ${tW} after H's ${tH}`);
-        assert.equal(await w.request("release"), "released");
-      }
-    } finally {
-      proxy.restore();
+    // W is granted once R's key is gone (S's lease ran out); L, if granted, still holds.
+    let wReply: string | null = wFirst;
+    if (wFirst?.startsWith("queued,")) {
+      wReply = await finalReply(w, 20_000, "W's grant after the stale key went");
+    }
+    const wHolds = /^ok,/.test(wReply ?? "");
+    // (A store may refuse W outright, seeing the stale limit:3 key ahead of it, as the memory
+    // store refuses a limit:1 request behind a limit:3 one: then no limit:1 request waits
+    // and L may be granted.)
+    const wWaited = wFirst?.startsWith("queued,") ?? false;
+    assert.deepEqual(
+      { lGrantedWhileWWaited: lHolds && wWaited, twoHolders: lHolds && wHolds },
+      { lGrantedWhileWWaited: false, twoHolders: false },
+      `L (limit:3) got ${lReply} while W (limit:1) waited; then W got ${wReply}: ` +
+        (lHolds && wHolds ? "two holders of a limit:1 lock" : "a grant across mixed limits"),
+    );
+    if (wFirst?.startsWith("queued,")) {
+      const tW = token(wReply, "w");
+      assert.ok(tW > tH, `W's token ${tW} after H's ${tH}`);
+      assert.equal(await w.request("release"), "released");
     }
   },
 });
