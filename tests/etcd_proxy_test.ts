@@ -392,7 +392,18 @@ Deno.test({
     proxy.delay({ put: prefix + "slow" }, 60_000);
     const slow = track(put(client, proxy.url, prefix + "slow"));
     await proxy.waitFor({ put: prefix + "slow" }, { until: "received" });
+    // Waits still pending end at once when it closes (no timer left behind).
+    const never = assert.rejects(
+      proxy.waitFor({ put: prefix + "never" }, { timeoutMs: 60_000 }),
+      /etcd proxy: closed/,
+    );
+    const neverHit = assert.rejects(
+      proxy.fail({ put: prefix + "never" }, "reset").hit(1, 60_000),
+      /etcd proxy: closed/,
+    );
     await proxy.close();
+    await never;
+    await neverHit;
     await assert.rejects(hung.promise);
     await assert.rejects(slow.promise);
     assert.equal(await watch.next().catch(() => null), null);

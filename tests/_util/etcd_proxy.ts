@@ -21,8 +21,14 @@
  *
  * Rules are objects ({@linkcode ProxyRule}): `lift()` ends one (so does `using`), `times` limits
  * how many requests it catches, `hit()` awaits its catches. Disposing the proxy stops everything
- * it started (listener, connections, requests to etcd, timers), so tests run with the op and
- * resource sanitizers.
+ * it started (listener, connections, requests to etcd, timers, pending waits), so tests run with
+ * the op and resource sanitizers.
+ *
+ * It speaks HTTP/1.1 itself over `Deno.listen` and forwards with `fetch` (its own HTTP client):
+ * a `Deno.serve` handler can neither close a connection without answering nor keep a stream's
+ * headers back while its connection stays open. Whenever the proxy closes a connection without
+ * an answer, mind that Deno's fetch may send the request once more on a new connection when the
+ * one that ended had been reused.
  *
  * @example
  * ```ts ignore
@@ -157,7 +163,11 @@ export interface RuleOptions {
 export type FailHow =
   /** HTTP 503 with a plain-text body, as a load balancer in front of etcd would. */
   | "http503"
-  /** The connection is closed at once, without a byte of answer. */
+  /**
+   * The connection is closed at once, without a byte of answer. (Deno's fetch sends a request
+   * once more, at once, when a connection it reused ends like this: that second attempt is a
+   * request of its own in the log, and is caught again if the rule still applies.)
+   */
   | "reset"
   /** A gRPC-gateway error, as etcd itself answers one: `{"error","code","message"}`. */
   | { grpcCode: number; message?: string };
@@ -376,31 +386,54 @@ function describe(match: Match | undefined): string {
   return parts.length === 0 ? "any request" : parts.join(", ");
 }
 
-/** Resolves when `test()` holds, re-checked on every `notify()`; rejects after `timeoutMs`. */
+/**
+ * Resolves when `test()` holds, re-checked on every `notify()`; rejects after `timeoutMs`, or
+ * at once when cancelled (the proxy closed).
+ */
 class Waiters {
-  readonly #list = new Set<() => void>();
+  readonly #list = new Set<{ check: () => void; fail: (err: Error) => void }>();
+  #cancelled: string | undefined;
 
   notify(): void {
-    for (const w of [...this.#list]) w();
+    for (const w of [...this.#list]) w.check();
   }
 
   wait<T>(test: () => T | undefined, timeoutMs: number, what: () => string): Promise<T> {
     const now = test();
     if (now !== undefined) return Promise.resolve(now);
+    if (this.#cancelled !== undefined) {
+      return Promise.reject(new Error(`etcd proxy: ${this.#cancelled} (waiting for ${what()})`));
+    }
     return new Promise<T>((resolve, reject) => {
-      const check = () => {
-        const v = test();
-        if (v === undefined) return;
-        this.#list.delete(check);
-        clearTimeout(timer);
-        resolve(v);
+      const entry = {
+        check: () => {
+          const v = test();
+          if (v === undefined) return;
+          this.#list.delete(entry);
+          clearTimeout(timer);
+          resolve(v);
+        },
+        fail: (err: Error) => {
+          this.#list.delete(entry);
+          clearTimeout(timer);
+          reject(err);
+        },
       };
-      const timer = setTimeout(() => {
-        this.#list.delete(check);
-        reject(new Error(`etcd proxy: timed out after ${timeoutMs} ms waiting for ${what()}`));
-      }, timeoutMs);
-      this.#list.add(check);
+      const timer = setTimeout(
+        () =>
+          entry.fail(
+            new Error(`etcd proxy: timed out after ${timeoutMs} ms waiting for ${what()}`),
+          ),
+        timeoutMs,
+      );
+      this.#list.add(entry);
     });
+  }
+
+  /** Rejects every wait now and later with `reason`. */
+  cancel(reason: string): void {
+    this.#cancelled = reason;
+    for (const w of [...this.#list]) w.fail(new Error(`etcd proxy: ${reason}`));
   }
 }
 
@@ -639,6 +672,11 @@ class RuleImpl implements ProxyRule {
     this.#proxy.ruleLifted(this);
   }
 
+  /** The proxy closed: waits on this rule end. */
+  cancel(): void {
+    this.#waiters.cancel("closed");
+  }
+
   [Symbol.dispose](): void {
     this.lift();
   }
@@ -680,7 +718,10 @@ class ProxyImpl implements EtcdProxy {
   readonly #stop = new AbortController();
   readonly #conns = new Set<ClientConn>();
   readonly #tasks = new Set<Promise<unknown>>();
+  /** Rules in force. */
   readonly #rules: RuleImpl[] = [];
+  /** Every rule made (their waits end when the proxy closes). */
+  readonly #made: RuleImpl[] = [];
   readonly #holds = new Set<Hold>();
   readonly #streams = new Set<WatchStream>();
   readonly #waiters = new Waiters();
@@ -709,6 +750,7 @@ class ProxyImpl implements EtcdProxy {
   #add(rule: RuleImpl): RuleImpl {
     if (this.#closing !== undefined) throw new Error("etcd proxy: closed");
     this.#rules.push(rule);
+    this.#made.push(rule);
     return rule;
   }
 
@@ -1214,6 +1256,8 @@ class ProxyImpl implements EtcdProxy {
       // already closed
     }
     this.#stop.abort();
+    this.#waiters.cancel("closed");
+    for (const r of this.#made) r.cancel();
     for (const h of [...this.#holds]) h.decide("drop");
     for (const s of [...this.#streams]) this.#closeStream(s);
     for (const c of [...this.#conns]) c.close();
