@@ -167,7 +167,7 @@ Deno.test({
     const wKey = txn.puts.find((k) => k.startsWith(keys))!;
     await proxy.waitForWatch((m) => m.delivered && m.events.some((e) => e.key === wKey));
     using stall = proxy.stallWatch();
-    assert.equal(stall.hits, 1, "A has one watch stream open");
+    assert.ok(stall.hits >= 1, "A's watch stream is stalled");
     const mark = proxy.mark();
     // The lock is freed on B; A hears nothing of it on its watch.
     assert.equal(await h.request("release"), "released");

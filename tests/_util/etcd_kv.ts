@@ -103,11 +103,6 @@ export async function etcdRange(
   return { revision: revisionOf(res), kvs };
 }
 
-/** Writes a key (no lease); returns the revision of the write. */
-export async function etcdPut(endpoint: string, key: string, value: string): Promise<number> {
-  return revisionOf(await etcdCall(endpoint, "/v3/kv/put", { key: b64(key), value: b64(value) }));
-}
-
 /** Deletes every key starting with `prefix`; returns how many went. */
 export async function etcdDeletePrefix(endpoint: string, prefix: string): Promise<number> {
   const res = await etcdCall(endpoint, "/v3/kv/deleterange", {
