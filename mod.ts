@@ -61,7 +61,6 @@ export type {
   StoreEvent,
 } from "./lib/store/types.ts";
 export type { TokenSource } from "./lib/tokens.ts";
-export type { EtcdStoreOptions } from "./lib/etcd/store.ts";
 export type { EtcdClientOptions } from "./lib/etcd/client.ts";
 export {
   DEFAULT_HOST,

@@ -57,7 +57,6 @@ export type {
   StoreEvent,
 } from "./lib/store/types.ts";
 export type { TokenSource } from "./lib/tokens.ts";
-export type { EtcdStoreOptions } from "./lib/etcd/store.ts";
 export type { EtcdClientOptions } from "./lib/etcd/client.ts";
 
 /** The server's flags; each also from the environment variable named. */

@@ -7,7 +7,7 @@
 
 import { tokenMatcher } from "./auth.ts";
 import { getLogger, startupLog } from "./log.ts";
-import { EtcdStore, type EtcdStoreOptions } from "./etcd/store.ts";
+import { type EtcdServerOptions, EtcdStore } from "./etcd/store.ts";
 import { MemoryStore } from "./store/memory_store.ts";
 import type { LockStore, StoreEvent } from "./store/types.ts";
 import {
@@ -57,11 +57,7 @@ export interface ServerOptions {
   etcd?: EtcdServerOptions;
 }
 
-/** The etcd store's own options (the limits come from {@linkcode ServerOptions}). */
-export type EtcdServerOptions = Omit<
-  EtcdStoreOptions,
-  "maxWait" | "maxWaiters" | "maxLocks" | "onEvent" | "clock" | "client"
->;
+export type { EtcdServerOptions };
 
 /** A running server. */
 export interface LockServer extends AsyncDisposable {

@@ -46,12 +46,16 @@ import { encodeInfo, HEARTBEAT_SEGMENT, type KeyInfo, ownerOf, parseInfo } from 
 import { EtcdLease } from "./lease.ts";
 import { EtcdMirror, type MirrorRecord } from "./mirror.ts";
 
-/** Options of an {@linkcode EtcdStore}. */
-export interface EtcdStoreOptions extends EtcdClientOptions, ClaimBookOptions {
+/** Where etcd is and how a server uses it (the etcd part of the server's options). */
+export interface EtcdServerOptions extends EtcdClientOptions {
   /** The key prefix every lock lives under (default `/tcpnetlock`). */
   prefix?: string;
   /** The ttl of this server's etcd lease in seconds (default 10, at least 1). */
   leaseTtl?: number;
+}
+
+/** Options of an {@linkcode EtcdStore}: the server's, the claim book's, and a fake for tests. */
+export interface EtcdStoreOptions extends EtcdServerOptions, ClaimBookOptions {
   /** The etcd to use (default: an {@linkcode EtcdClient} on `endpoints`); tests give a fake. */
   client?: EtcdApi;
 }
