@@ -1,9 +1,12 @@
 #!/usr/bin/env -S deno run -A
 /**
- * Lock+release cycles per second against `--store etcd` compared with the memory store: the
- * benchmark's `cycles` scenario (bench/load.ts `runCycles`: one connection per cycle, each client
- * on its own name, version 1 `lock` then `release`) at 16 clients by default, our server as a
- * subprocess each time, etcd a real member (or three) on loopback with its data on /dev/shm.
+ * Lock+release cycles per second against `--store etcd`, compared with the etcd floor and the
+ * memory store: the benchmark's `cycles` scenario (bench/load.ts `runCycles`: one connection per
+ * cycle, each client on its own name, version 1 `lock` then `release`) at 16 clients by default,
+ * our server as a subprocess each time, etcd a real member (or three) on loopback with its data
+ * on /dev/shm. The etcd floor (bench/etcd_floor.ts: one transaction that creates a key with a
+ * lease, one delete, from Deno over the JSON gateway, as many workers as clients) runs against
+ * the same etcd in the same run: `etcd / floor` is what the store costs beyond etcd itself.
  *
  * ```sh
  * deno run -A bench/etcd_cycles.ts                        # memory vs etcd, 16 clients
@@ -104,9 +107,51 @@ if (serverCount > 1) {
     for (const s of servers) await s.stop("SIGKILL");
   }
 }
+{
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "-A",
+      new URL("./etcd_floor.ts", import.meta.url).pathname,
+      "--endpoint",
+      etcd.endpoints[0],
+      "--clients",
+      String(clients),
+      "--duration-s",
+      String(durationMs / 1000),
+      "--warmup-s",
+      String(warmupMs / 1000),
+    ],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  const floor = JSON.parse(new TextDecoder().decode(out.stdout));
+  const row: Row = {
+    setup: "etcd floor",
+    servers: 0,
+    clients,
+    rate: floor.rate,
+    p50: floor.p50,
+    p99: floor.p99,
+    errors: floor.errors,
+  };
+  if (!values.json) {
+    console.log(
+      `${row.setup.padEnd(22)} servers 0  clients ${row.clients}  ` +
+        `${String(row.rate).padStart(6)} cycles/s  p50 ${row.p50} ms  p99 ${row.p99} ms  ` +
+        `errors ${row.errors}  (generator CPU ${floor.cpu})`,
+    );
+  }
+  rows.push(row);
+}
+const floorRow = rows.find((r) => r.setup === "etcd floor")!;
 const ratio = Math.round((rows[1].rate / rows[0].rate) * 1000) / 1000;
+const ratioFloor = Math.round((rows[1].rate / floorRow.rate) * 1000) / 1000;
 if (values.json) {
-  console.log(JSON.stringify({ rows, ratio_etcd_to_memory: ratio }, null, 2));
+  console.log(
+    JSON.stringify({ rows, ratio_etcd_to_memory: ratio, ratio_etcd_to_floor: ratioFloor }, null, 2),
+  );
 } else {
   console.log(`ratio etcd / memory at ${clients} clients: ${ratio}`);
+  console.log(`ratio etcd / etcd floor at ${clients} clients: ${ratioFloor}`);
 }

@@ -4,6 +4,7 @@
 
 import assert from "node:assert/strict";
 import { EtcdStore } from "../lib/etcd/store.ts";
+import { tokenOf } from "../lib/etcd/writer.ts";
 import type { ClaimRequest, ClaimView } from "../lib/store/types.ts";
 import { FakeClock, flush } from "./_util/fake_clock.ts";
 import { Recorder } from "./_util/recorder.ts";
@@ -62,7 +63,7 @@ Deno.test("etcd store (fake): a free lock is granted by the write of its key; th
   const h = new Recorder();
   await w.ask(a, req("x"), h);
   const [key] = w.etcd.keys(`${PREFIX}/x/`);
-  assert.deepEqual(h.log, [`granted:${key.createRevision}`]);
+  assert.deepEqual(h.log, [`granted:${tokenOf(key.createRevision, 0)}`]);
   const txns = w.etcd.calls.filter((c) => c.kind === "txn");
   assert.equal(txns.length, 1, "one round trip: the grant check is inside the creating txn");
   const n = new Recorder();
@@ -182,13 +183,15 @@ Deno.test("etcd store (fake): released is answered only once the key is gone; a 
   const a = await w.server();
   const h = new Recorder();
   const claim = await w.ask(a, req("x"), h);
-  w.etcd.fail("delete");
+  const [key] = w.keys("x");
+  const deletesKey = (keys: string[]) => keys.includes(key);
+  w.etcd.fail("txn", deletesKey);
   let released = false;
   const done = a.end(claim, "released").then(() => released = true);
   await w.clock.advance(2000);
   assert.equal(released, false, "no answer while the key is still in etcd");
   assert.equal(w.keys("x").length, 1);
-  const tries = w.etcd.calls.filter((c) => c.kind === "delete").length;
+  const tries = w.etcd.calls.filter((c) => c.kind === "txn" && deletesKey(c.keys)).length;
   assert.ok(tries >= 3, `the delete is tried again (${tries} tries)`);
   w.etcd.heal();
   await w.clock.advance(1000);
@@ -254,7 +257,8 @@ Deno.test("etcd store (fake): a request withdrawn while its transaction is out l
   const b = await w.server();
   const holder = new Recorder();
   await w.ask(b, req("x"), holder);
-  w.etcd.hold("txn");
+  // The next two writes (the placements of x and q) are held back.
+  w.etcd.hold("txn", () => true, 2);
   const gone = new Recorder();
   const withdrawn = a.acquire(req("x", { wait: 30 }), gone);
   await flush();
@@ -281,6 +285,34 @@ Deno.test("etcd store (fake): a transaction retried after a lost answer is grant
   await w.ask(a, req("x"), h);
   assert.equal(h.last?.startsWith("granted:"), true, h.log.join(" "));
   const [kv] = w.etcd.keys(`${PREFIX}/x/`);
-  assert.ok(h.token > kv.createRevision, "not the create revision: a grant write's revision");
+  assert.ok(
+    h.token > tokenOf(kv.createRevision, 0),
+    "not the create revision's: a grant write's revision",
+  );
   assert.ok(h.token > before.token);
+});
+
+Deno.test("etcd store (fake): writes that are ready together go in one transaction; tokens stay unique and ordered", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const before = w.etcd.calls.filter((c) => c.kind === "txn").length;
+  const hs = Array.from({ length: 40 }, () => new Recorder());
+  hs.forEach((h, i) => a.acquire(req(`n${i}`), h));
+  // Two requests for one name never share a transaction: a tie of create revisions has no order.
+  const same = [new Recorder(), new Recorder()];
+  for (const h of same) a.acquire(req("same", { wait: 5 }), h);
+  await flush();
+  await flush();
+  const txns = w.etcd.calls.filter((c) => c.kind === "txn").length - before;
+  assert.ok(txns <= 4 + 1, `42 requests in ${txns} transactions (one per lane, and one more)`);
+  const tokens = hs.map((h) => h.token);
+  assert.equal(new Set(tokens).size, tokens.length, "every token is unique");
+  assert.equal(same[0].last?.startsWith("granted:"), true);
+  assert.deepEqual(same[1].log, ["queued:1"]);
+  const [first, second] = w.etcd.keys(`${PREFIX}/same/`);
+  assert.ok(first.createRevision < second.createRevision, "placed in two transactions, in order");
+  // A token of a later transaction is larger than every token of an earlier one.
+  const later = new Recorder();
+  await w.ask(a, req("later"), later);
+  assert.ok(later.token > Math.max(...tokens, same[0].token));
 });

@@ -213,25 +213,33 @@ export function decodeRange(res: Json, revision = headerRevision(res)): RangeRes
   return { revision, kvs, count: parseRevision(res.count) };
 }
 
-/** A comparison in a transaction: the key's create revision equals `createRevision` (0: absent). */
+/**
+ * A comparison in a transaction: the key's create revision equals `createRevision` (0: absent).
+ * With `prefix`, every key starting with `key` must have it (so `createRevision: 0` means that
+ * there is no such key).
+ */
 export interface Compare {
   /** The key. */
   key: string;
   /** The create revision it must have; 0 means the key must not exist. */
   createRevision: number;
+  /** Compare every key that starts with `key`. */
+  prefix?: boolean;
 }
 
 /** One operation in a transaction. */
 export type TxnOp =
   | { put: { key: string; value: string; lease?: string } }
   | { range: { key: string; prefix?: boolean; limit?: number; byCreate?: boolean } }
-  | { delete: { key: string } };
+  | { delete: { key: string } }
+  | { txn: Txn };
 
 /** The result of one operation of a transaction, in the order of the operations. */
 export type OpResult =
   | { kind: "put" }
   | { kind: "range"; kvs: KeyValue[]; count: number }
-  | { kind: "delete"; deleted: number };
+  | { kind: "delete"; deleted: number }
+  | { kind: "txn"; succeeded: boolean; results: OpResult[] };
 
 /** A transaction: if every comparison holds, `success` runs, else `failure`. */
 export interface Txn {
@@ -288,6 +296,23 @@ export interface EtcdApi {
   close(): void;
 }
 
+function encodeTxn(txn: Txn): Json {
+  return {
+    compare: txn.compare.map((c) => {
+      const cmp: Json = {
+        key: b64(c.key),
+        target: "CREATE",
+        create_revision: String(c.createRevision),
+        result: "EQUAL",
+      };
+      if (c.prefix) cmp.range_end = b64(prefixEnd(c.key));
+      return cmp;
+    }),
+    success: txn.success.map(encodeOp),
+    failure: (txn.failure ?? []).map(encodeOp),
+  };
+}
+
 function encodeOp(op: TxnOp): Json {
   if ("put" in op) {
     const req: Json = { key: b64(op.put.key), value: b64(op.put.value) };
@@ -298,7 +323,20 @@ function encodeOp(op: TxnOp): Json {
     const r = op.range;
     return { request_range: rangeRequest(r.key, r) };
   }
+  if ("txn" in op) return { request_txn: encodeTxn(op.txn) };
   return { request_delete_range: { key: b64(op.delete.key) } };
+}
+
+/** Decodes a transaction's response (top-level or nested), given the transaction. */
+function decodeTxn(
+  txn: Txn,
+  res: Json,
+  revision: number,
+): { succeeded: boolean; results: OpResult[] } {
+  const succeeded = res.succeeded === true;
+  const ops = succeeded ? txn.success : txn.failure ?? [];
+  const responses = (res.responses as Json[] | undefined) ?? [];
+  return { succeeded, results: ops.map((op, i) => decodeOp(op, responses[i], revision)) };
 }
 
 function decodeOp(op: TxnOp, res: Json | undefined, revision: number): OpResult {
@@ -306,6 +344,9 @@ function decodeOp(op: TxnOp, res: Json | undefined, revision: number): OpResult 
   if ("range" in op) {
     const r = decodeRange((res?.response_range ?? {}) as Json, revision);
     return { kind: "range", kvs: r.kvs, count: r.count };
+  }
+  if ("txn" in op) {
+    return { kind: "txn", ...decodeTxn(op.txn, (res?.response_txn ?? {}) as Json, revision) };
   }
   const d = (res?.response_delete_range ?? {}) as Json;
   return { kind: "delete", deleted: parseRevision(d.deleted) };
@@ -515,26 +556,9 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
 
   /** A transaction (see {@linkcode Txn}). */
   async txn(txn: Txn): Promise<TxnResult> {
-    const failure = txn.failure ?? [];
-    const res = await this.call("/v3/kv/txn", {
-      compare: txn.compare.map((c) => ({
-        key: b64(c.key),
-        target: "CREATE",
-        create_revision: String(c.createRevision),
-        result: "EQUAL",
-      })),
-      success: txn.success.map(encodeOp),
-      failure: failure.map(encodeOp),
-    });
+    const res = await this.call("/v3/kv/txn", encodeTxn(txn));
     const revision = headerRevision(res);
-    const succeeded = res.succeeded === true;
-    const ops = succeeded ? txn.success : failure;
-    const responses = (res.responses as Json[] | undefined) ?? [];
-    return {
-      succeeded,
-      revision,
-      results: ops.map((op, i) => decodeOp(op, responses[i], revision)),
-    };
+    return { revision, ...decodeTxn(txn, res, revision) };
   }
 
   /** Grants a lease of `ttl` seconds; its id stays a string. */

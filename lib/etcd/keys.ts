@@ -13,6 +13,8 @@
 export interface KeyInfo {
   /** The writer's unique id for the request (the key's last segment). */
   owner: string;
+  /** The write's slot in its batch (its token is `revision × 128 + slot`). */
+  slot: number;
   /** The request's limit. */
   limit: number;
   /** The client id (`""` when none). */
@@ -38,8 +40,10 @@ export function parseInfo(value: string): KeyInfo {
   try {
     const v = JSON.parse(value);
     const limit = Number.isSafeInteger(v.limit) && v.limit >= 1 ? v.limit : 1;
+    const slot = Number.isSafeInteger(v.slot) && v.slot >= 0 && v.slot < 128 ? v.slot : 0;
     return {
       owner: String(v.owner ?? ""),
+      slot,
       limit,
       client_id: typeof v.client_id === "string" ? v.client_id : "",
       remote: typeof v.remote === "string" ? v.remote : "",
@@ -47,7 +51,14 @@ export function parseInfo(value: string): KeyInfo {
       granted: v.granted === true ? true : undefined,
     };
   } catch {
-    return { owner: "", limit: 1, client_id: "", remote: "", since: new Date(0).toISOString() };
+    return {
+      owner: "",
+      slot: 0,
+      limit: 1,
+      client_id: "",
+      remote: "",
+      since: new Date(0).toISOString(),
+    };
   }
 }
 

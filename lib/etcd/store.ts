@@ -42,9 +42,10 @@ import {
   STORE_UNAVAILABLE,
 } from "../store/types.ts";
 import { type EtcdApi, EtcdClient, type EtcdClientOptions, type KeyValue } from "./client.ts";
-import { encodeInfo, HEARTBEAT_SEGMENT, type KeyInfo, ownerOf, parseInfo } from "./keys.ts";
+import { encodeInfo, HEARTBEAT_SEGMENT, type KeyInfo, nameOf, ownerOf, parseInfo } from "./keys.ts";
 import { EtcdLease } from "./lease.ts";
 import { EtcdMirror, type MirrorRecord } from "./mirror.ts";
+import { EtcdWriter, tokenOf } from "./writer.ts";
 
 /** Where etcd is and how a server uses it (the etcd part of the server's options). */
 export interface EtcdServerOptions extends EtcdClientOptions {
@@ -119,8 +120,8 @@ export class EtcdStore extends BookStore<EtcdExt> {
   readonly #endpoints: string;
   /** This server's live claims, by key. */
   readonly #byKey = new Map<string, EtcdClaim>();
-  /** Per name, the last of this server's writes for it: the next one goes after it. */
-  readonly #chains = new Map<string, Promise<void>>();
+  /** Every write goes through it, batched, in order. */
+  readonly #writer: EtcdWriter;
   readonly #inflight = new Set<Promise<unknown>>();
   /** Pauses between retries, ended early on close. */
   readonly #wakers = new Set<() => void>();
@@ -136,6 +137,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
     this.#clock = options.clock ?? systemClock;
     this.#etcd = options.client ?? new EtcdClient(options);
     this.#endpoints = this.#etcd.endpoints.join(",");
+    this.#writer = new EtcdWriter(this.#etcd);
     this.#lease = new EtcdLease(this.#etcd, options.leaseTtl ?? 10, this.#clock, {
       renewed: (revision) => {
         if (this.#failing) {
@@ -251,7 +253,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
       return claim;
     }
     this.#byKey.set(key, claim);
-    this.#inOrder(request.name, () => this.#place(claim));
+    this.#track(this.#place(claim));
     return claim;
   }
 
@@ -273,7 +275,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
           const local = mine !== undefined && mine.state === "holding";
           return {
             client_id: r.info.client_id,
-            token: local ? mine.token : r.info.granted ? r.modRev : r.rev,
+            token: local ? mine.token : tokenOf(r.info.granted ? r.modRev : r.rev, r.info.slot),
             since: local ? new Date(mine.grantedWall).toISOString() : r.info.since,
             remote: r.info.remote,
           };
@@ -284,19 +286,6 @@ export class EtcdStore extends BookStore<EtcdExt> {
   }
 
   // --- A request's way in
-
-  /** Runs `step` after this server's earlier writes for `name` (arrival order, per name). */
-  #inOrder(name: string, step: () => Promise<void>): void {
-    const before = this.#chains.get(name) ?? RESOLVED;
-    const next = before.then(step).catch((err) => {
-      if (!this.#closed) log.error("etcd store: {error}", { error: errorText(err) });
-    });
-    this.#chains.set(name, next);
-    this.#track(next);
-    next.then(() => {
-      if (this.#chains.get(name) === next) this.#chains.delete(name);
-    });
-  }
 
   /** Writes the claim's key and reads the head of its queue, in one transaction; then decides. */
   async #place(claim: EtcdClaim): Promise<void> {
@@ -311,19 +300,18 @@ export class EtcdStore extends BookStore<EtcdExt> {
     const ext = claim.ext;
     ext.lease = lease;
     ext.written = true;
-    const head = { key: `${this.prefix}/${name}/`, prefix: true, byCreate: true, limit };
-    let result;
+    let placed;
     try {
-      // Create-if-absent makes the transaction safe to retry: if a first attempt that timed out
-      // was applied after all, the retry reads the key back instead of writing it again.
-      result = await this.#etcd.txn({
-        compare: [{ key: ext.key, createRevision: 0 }],
-        success: [
-          { put: { key: ext.key, value: this.#value(claim, false), lease } },
-          { range: head },
-        ],
-        failure: [{ range: { key: ext.key } }, { range: head }],
-      });
+      // Create-if-absent makes the write safe to retry: if a first attempt that timed out was
+      // applied after all, the retry reads the key back instead of writing it again.
+      placed = await this.#writer.place(
+        ext.key,
+        name,
+        `${this.prefix}/${name}/`,
+        limit,
+        (slot) => this.#value(claim, false, slot),
+        lease,
+      );
     } catch (err) {
       this.#warn("Cannot write the key of lock {lock}: {error}", err, { lock: name });
       // It may have been applied all the same: the key goes (the sweep catches a late write).
@@ -332,26 +320,24 @@ export class EtcdStore extends BookStore<EtcdExt> {
       this.book.refuse(claim, STORE_UNAVAILABLE);
       return;
     }
-    const [mine, range] = result.results;
-    let wroteNow = false;
-    if (result.succeeded) {
-      ext.rev = result.revision;
-      wroteNow = true;
-      this.#mirror.noteOwnWrite(result.revision);
+    const wroteNow = placed.created;
+    if (wroteNow) {
+      ext.rev = placed.rev;
+      this.#mirror.noteOwnWrite(placed.revision);
     } else {
-      const kv = mine.kind === "range" ? mine.kvs[0] : undefined;
+      const kv = placed.found;
       ext.rev = kv !== undefined && parseInfo(kv.value).owner === ownerOf(ext.key)
         ? kv.createRevision
         : 0;
     }
     if (claim.state !== "pending" || ext.rev === 0) {
-      // Withdrawn while the transaction was out, or written and gone already (lease lost).
+      // Withdrawn while the write was out, or written and gone already (lease lost).
       this.#forget(claim);
       this.#deleteUntilGone(ext);
       this.book.refuse(claim, STORE_UNAVAILABLE);
       return;
     }
-    const first = range.kind === "range" ? range.kvs : [];
+    const first = placed.head;
     const at = first.findIndex((kv) => kv.key === ext.key);
     const ahead = at < 0 ? first : first.slice(0, at);
     if (ahead.some((kv) => conflicts(claim.request, ranked(kv)))) {
@@ -362,7 +348,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
       // Among the holders at the revision of its own write: that write granted it. (A retried
       // transaction that found its key written earlier goes through the mirror instead: its
       // grant needs a write of its own, so that its token is the newest revision.)
-      this.book.grant(claim, ext.rev);
+      this.book.grant(claim, tokenOf(placed.revision, placed.slot));
       return;
     }
     if (this.book.waitOf(claim.request) === 0 && at < 0) {
@@ -434,18 +420,21 @@ export class EtcdStore extends BookStore<EtcdExt> {
     const ext = claim.ext;
     if (ext.granting) return;
     ext.granting = true;
-    const done = this.#etcd.txn({
-      compare: [{ key: ext.key, createRevision: ext.rev }],
-      success: [{ put: { key: ext.key, value: this.#value(claim, true), lease: ext.lease } }],
-    }).then((res) => {
+    const done = this.#writer.grant(
+      ext.key,
+      claim.request.name,
+      ext.rev,
+      (slot) => this.#value(claim, true, slot),
+      ext.lease,
+    ).then((res) => {
       ext.granting = false;
-      if (!res.succeeded) {
+      if (!res.done) {
         this.#lost(claim, "its key is gone");
         return;
       }
       this.#mirror.noteOwnWrite(res.revision);
       if (claim.state === "waiting" || claim.state === "pending") {
-        this.book.grant(claim, res.revision);
+        this.book.grant(claim, tokenOf(res.revision, res.slot));
       }
     }, (err) => {
       ext.granting = false;
@@ -460,9 +449,10 @@ export class EtcdStore extends BookStore<EtcdExt> {
     this.#track(done);
   }
 
-  #value(claim: EtcdClaim, granted: boolean): string {
+  #value(claim: EtcdClaim, granted: boolean, slot: number): string {
     const info: KeyInfo = {
       owner: ownerOf(claim.ext.key),
+      slot,
       limit: claim.request.limit,
       client_id: claim.request.clientId,
       remote: claim.request.remote,
@@ -525,7 +515,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
     let pause = 50;
     const attempt = async (): Promise<void> => {
       try {
-        const r = await this.#etcd.delete(key);
+        const r = await this.#writer.delete(key, name);
         if (r.deleted > 0) this.#mirror.noteOwnWrite(r.revision);
         resolve();
         return;
@@ -538,13 +528,12 @@ export class EtcdStore extends BookStore<EtcdExt> {
           lock: name,
         });
       }
-      // Later tries run outside the name's order: a new request does not wait for etcd's return.
       this.#track(this.#sleep(pause).then(attempt));
       pause = Math.min(1000, pause * 2);
     };
-    // The first try goes in the name's order: a request that comes after a release is written
-    // after the released key is gone.
-    this.#inOrder(name, attempt);
+    // The writer sends it in order with this server's other writes: a request that comes after
+    // a release is written after the released key is gone.
+    this.#track(attempt());
     return gone;
   }
 
@@ -568,7 +557,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
 
   #deleteStray(key: string): void {
     this.#track(
-      this.#etcd.delete(key).then((r) => {
+      this.#writer.delete(key, nameOf(this.prefix + "/", key) ?? "").then((r) => {
         if (r.deleted > 0) this.#mirror.noteOwnWrite(r.revision);
       }).catch(() => {}),
     );
@@ -586,11 +575,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
     const lease = this.#lease.id;
     if (lease === undefined || this.#closed) return undefined;
     const key = `${this.prefix}/${HEARTBEAT_SEGMENT}/${this.serverId}`;
-    const res = await this.#etcd.txn({
-      compare: [],
-      success: [{ put: { key, value: "", lease } }],
-    });
-    return res.revision;
+    return await this.#writer.put(key, "", lease);
   }
 
   /** The lease is gone or may be: holders are told `expired`, waiters `timeout`. */

@@ -11,6 +11,7 @@
 
 import {
   type EtcdApi,
+  EtcdError,
   EtcdUnavailableError,
   type KeyValue,
   type OpResult,
@@ -29,6 +30,12 @@ interface Stored {
   createRevision: number;
   modRevision: number;
   lease: string;
+}
+
+/** Which branch each (nested) transaction takes, judged before anything applies. */
+interface Plan {
+  succeeded: boolean;
+  nested: Plan[];
 }
 
 interface Watcher {
@@ -137,9 +144,10 @@ export class FakeEtcd implements EtcdApi {
     for (const go of calls) go();
   }
 
-  /** Ends every fault; hung calls fail now. */
+  /** Ends every fault; hung calls fail now, held ones are applied. */
   heal(): void {
     this.#faults.length = 0;
+    this.release();
     for (const release of [...this.#hung]) release();
     this.#hung.clear();
   }
@@ -193,23 +201,58 @@ export class FakeEtcd implements EtcdApi {
   // --- EtcdApi
 
   txn(txn: Txn): Promise<TxnResult> {
-    const keys = txn.success.flatMap((op) => "put" in op ? [op.put.key] : []);
-    return this.#call("txn", keys, () => {
-      const succeeded = txn.compare.every((c) => {
-        const cur = this.#kv.get(c.key);
-        return (cur?.createRevision ?? 0) === c.createRevision;
-      });
-      const ops = succeeded ? txn.success : txn.failure ?? [];
+    const keys: string[] = [];
+    const collect = (ops: TxnOp[]) => {
       for (const op of ops) {
-        if (
-          "put" in op && op.put.lease && op.put.lease !== "0" && !this.#leases.has(op.put.lease)
-        ) {
-          throw new EtcdUnavailableError("etcdserver: requested lease not found");
-        }
+        if ("put" in op) keys.push(op.put.key);
+        else if ("delete" in op) keys.push(op.delete.key);
+        else if ("txn" in op) collect(op.txn.success);
       }
-      const { revision, results } = this.#apply(ops);
-      return { succeeded, revision, results };
+    };
+    collect(txn.success);
+    return this.#call("txn", keys, () => {
+      // As in etcd, every comparison (nested ones too) is judged on the state before the
+      // transaction; then the chosen operations apply in order.
+      const plan = this.#plan(txn);
+      const written = new Set<string>();
+      const check = (t: Txn, p: Plan) => {
+        for (const op of p.succeeded ? t.success : t.failure ?? []) {
+          if ("put" in op || "delete" in op) {
+            const key = "put" in op ? op.put.key : op.delete.key;
+            if (written.has(key)) {
+              throw new EtcdError("etcdserver: duplicate key given in txn request", 3);
+            }
+            written.add(key);
+          }
+          if (
+            "put" in op && op.put.lease && op.put.lease !== "0" && !this.#leases.has(op.put.lease)
+          ) {
+            throw new EtcdUnavailableError("etcdserver: requested lease not found");
+          }
+        }
+        const ops = p.succeeded ? t.success : t.failure ?? [];
+        let i = 0;
+        for (const op of ops) if ("txn" in op) check(op.txn, p.nested[i++]);
+      };
+      check(txn, plan);
+      const { revision, results } = this.#apply(
+        plan.succeeded ? txn.success : txn.failure ?? [],
+        plan.nested,
+      );
+      return { succeeded: plan.succeeded, revision, results };
     });
+  }
+
+  #plan(t: Txn): Plan {
+    const succeeded = t.compare.every((c) => {
+      if (!c.prefix) return (this.#kv.get(c.key)?.createRevision ?? 0) === c.createRevision;
+      // As in etcd: every key of the range must match; an empty range compares as one absent key.
+      const keys = [...this.#kv].filter(([k]) => k.startsWith(c.key));
+      if (keys.length === 0) return c.createRevision === 0;
+      return keys.every(([, v]) => v.createRevision === c.createRevision);
+    });
+    const ops = succeeded ? t.success : t.failure ?? [];
+    return { succeeded, nested: ops.flatMap((op) => "txn" in op ? [this.#plan(op.txn)] : []) };
   }
 
   range(key: string, options: RangeOptions = {}): Promise<RangeResult> {
@@ -354,11 +397,21 @@ export class FakeEtcd implements EtcdApi {
     return { revision: this.revision, kvs, count };
   }
 
-  #apply(ops: TxnOp[]): { revision: number; results: OpResult[] } {
-    const results: OpResult[] = [];
+  #apply(ops: TxnOp[], plans: Plan[] = []): { revision: number; results: OpResult[] } {
     const events: WatchEvent[] = [];
-    let wrote = false;
     const next = this.revision + 1;
+    const results = this.#exec(ops, plans, next, events);
+    if (events.length > 0) {
+      this.revision = next;
+      this.#publish(next, events);
+    }
+    return { revision: this.revision, results };
+  }
+
+  /** Applies `ops` at revision `next` (a range sees the writes before it, as in etcd). */
+  #exec(ops: TxnOp[], plans: Plan[], next: number, events: WatchEvent[]): OpResult[] {
+    const results: OpResult[] = [];
+    let nested = 0;
     for (const op of ops) {
       if ("put" in op) {
         const cur = this.#kv.get(op.put.key);
@@ -370,27 +423,27 @@ export class FakeEtcd implements EtcdApi {
         };
         this.#kv.set(op.put.key, s);
         events.push({ type: "PUT", kv: toKv(op.put.key, s) });
-        wrote = true;
         results.push({ kind: "put" });
       } else if ("range" in op) {
         results.push({ kind: "range", ...this.#range(op.range) });
+      } else if ("txn" in op) {
+        const plan = plans[nested++];
+        const chosen = plan.succeeded ? op.txn.success : op.txn.failure ?? [];
+        results.push({
+          kind: "txn",
+          succeeded: plan.succeeded,
+          results: this.#exec(chosen, plan.nested, next, events),
+        });
       } else {
         const cur = this.#kv.get(op.delete.key);
         if (cur !== undefined) {
           this.#kv.delete(op.delete.key);
           events.push({ type: "DELETE", kv: { ...toKv(op.delete.key, cur), modRevision: next } });
-          wrote = true;
         }
         results.push({ kind: "delete", deleted: cur === undefined ? 0 : 1 });
       }
     }
-    if (wrote) {
-      this.revision = next;
-      // As in etcd, a range after a put in the same transaction sees the put (ops apply in
-      // order); every op's revision is the transaction's.
-      this.#publish(next, events);
-    }
-    return { revision: this.revision, results };
+    return results;
   }
 
   #revoke(id: string): void {
