@@ -175,11 +175,15 @@ export class EtcdMirror {
     ).finally(() => this.#heartbeating = false);
   }
 
-  /** Resolves once the mirror has caught up with this server's own writes (at most 2 s). */
-  settled(): Promise<void> {
-    if (this.#revision >= this.#knownRev || this.#closed) return Promise.resolve();
+  /**
+   * Resolves once the mirror has caught up with this server's own writes and with `revision`
+   * (at most 2 s).
+   */
+  settled(revision = 0): Promise<void> {
+    const rev = Math.max(this.#knownRev, revision);
+    if (this.#revision >= rev || this.#closed) return Promise.resolve();
     return new Promise((resolve) => {
-      const entry = { rev: this.#knownRev, resolve: () => {} };
+      const entry = { rev, resolve: () => {} };
       const timer = this.#clock.setTimer(() => entry.resolve(), 2000);
       entry.resolve = () => {
         this.#clock.clear(timer);

@@ -257,8 +257,19 @@ export class EtcdStore extends BookStore<EtcdExt> {
     return claim;
   }
 
-  settled(): Promise<void> {
-    return this.#mirror.settled();
+  /**
+   * Resolves once the mirror shows etcd as it is now (every server's writes, not only this
+   * one's): `.locks` asks etcd for its revision (one small read) and waits for the watch to
+   * reach it (at most 2 s).
+   */
+  async settled(): Promise<void> {
+    let now = 0;
+    try {
+      now = (await this.#etcd.range(this.prefix + "/", { prefix: true, limit: 1 })).revision;
+    } catch {
+      // etcd unreachable: show what the mirror has
+    }
+    await this.#mirror.settled(now);
   }
 
   /** Every name held or waited on in the whole cluster, as this server's mirror has it. */
