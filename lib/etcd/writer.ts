@@ -252,9 +252,6 @@ export class EtcdWriter {
     lane.queue = later;
     this.stats.batches++;
     this.stats.writes += batch.length;
-    if (this.stats.batches % 500 === 0) {
-      console.error("batches", this.stats.batches, "writes", this.stats.writes);
-    }
     try {
       const ops = batch.map((p, i) => p.op(i));
       if (ops.length === 1 && "txn" in ops[0]) {
