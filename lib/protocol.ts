@@ -58,6 +58,7 @@ export const ErrorReason = {
   INVALID_WAIT: "invalid wait",
   INVALID_TTL: "invalid ttl",
   INVALID_LIMIT: "invalid limit",
+  INVALID_MODE: "invalid mode",
   LIMIT_MISMATCH: "limit mismatch",
   TOO_MANY_WAITERS: "too many waiters",
   TOO_MANY_LOCKS: "too many locks",
@@ -191,6 +192,15 @@ export function parsePositiveInt(text: string): number | undefined {
 }
 
 /**
+ * The mode of a lock request (`mode:` on a `lock` line): `exclusive` (the default) holds the
+ * name alone, `shared` holds it beside other shared holders (a readers–writer lock).
+ */
+export type LockMode = "shared" | "exclusive";
+
+/** The values of `mode:` a server accepts. */
+export const LOCK_MODES: readonly LockMode[] = ["shared", "exclusive"];
+
+/**
  * One entry of the `.locks` reply: a name that is held or waited on.
  */
 export interface LockInfo {
@@ -200,6 +210,10 @@ export interface LockInfo {
   limit: number;
   /** How many connections wait in the queue for it. */
   waiting: number;
+  /** How many of them wait for a shared hold (servers with shared locks). */
+  waiting_shared?: number;
+  /** How many of them wait for an exclusive hold (servers with shared locks). */
+  waiting_exclusive?: number;
   /** Who holds it, in grant order. */
   holders: HolderInfo[];
 }
@@ -214,6 +228,8 @@ export interface HolderInfo {
   since: string;
   /** The holder's address as the server sees it, `ip:port` (`[ip6]:port` for IPv6). */
   remote: string;
+  /** How it holds the name (servers with shared locks). */
+  mode?: LockMode;
 }
 
 /**

@@ -12,11 +12,14 @@
 
 import { LineReader, type LineResult } from "./lines.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
+import { modeFitsLimit } from "./store/rules.ts";
 import {
   Action,
   ErrorReason,
   isValidClientId,
   isValidLockName,
+  LOCK_MODES,
+  type LockMode,
   parseDecimal,
   parsePositiveInt,
   parseRequest,
@@ -319,7 +322,9 @@ export class Session implements ClaimHandler {
     const waitText = p.get("wait");
     const ttlText = p.get("ttl");
     const limitText = p.get("limit");
-    this.#extended = waitText !== undefined || ttlText !== undefined || limitText !== undefined;
+    const modeText = p.get("mode");
+    this.#extended = waitText !== undefined || ttlText !== undefined || limitText !== undefined ||
+      modeText !== undefined;
     let wait = 0;
     if (waitText !== undefined) {
       const v = parseDecimal(waitText);
@@ -337,10 +342,18 @@ export class Session implements ClaimHandler {
       if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
       limit = v;
     }
+    let mode: LockMode | undefined;
+    if (modeText !== undefined) {
+      if (!(LOCK_MODES as readonly string[]).includes(modeText)) {
+        return fail(ErrorReason.INVALID_MODE);
+      }
+      mode = modeText as LockMode;
+      if (!modeFitsLimit(mode, limit)) return fail(ErrorReason.INVALID_MODE);
+    }
     // The outcome comes later (a store answers asynchronously): meanwhile the connection is
     // read like a waiter's (early lines kept, a disconnect withdraws the claim).
     this.#claim = this.#host.table.acquire(
-      { name, limit, wait, ttl, clientId: clientId ?? "", remote: this.remote },
+      { name, limit, mode, wait, ttl, clientId: clientId ?? "", remote: this.remote },
       this,
     );
     this.#state = "waiting";

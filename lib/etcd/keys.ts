@@ -9,6 +9,8 @@
  * @module
  */
 
+import type { LockMode } from "../protocol.ts";
+
 /** What a lock key's value says. */
 export interface KeyInfo {
   /** The writer's unique id for the request (the key's last segment). */
@@ -17,6 +19,8 @@ export interface KeyInfo {
   slot: number;
   /** The request's limit. */
   limit: number;
+  /** `shared` for a shared request (left out for an exclusive one): every server applies it. */
+  mode?: LockMode;
   /** The client id (`""` when none). */
   client_id: string;
   /** The client's address as its server saw it. */
@@ -41,7 +45,7 @@ export function parseInfo(value: string): KeyInfo {
     const v = JSON.parse(value);
     const limit = Number.isSafeInteger(v.limit) && v.limit >= 1 ? v.limit : 1;
     const slot = Number.isSafeInteger(v.slot) && v.slot >= 0 && v.slot < 128 ? v.slot : 0;
-    return {
+    const info: KeyInfo = {
       owner: String(v.owner ?? ""),
       slot,
       limit,
@@ -50,6 +54,8 @@ export function parseInfo(value: string): KeyInfo {
       since: typeof v.since === "string" ? v.since : new Date(0).toISOString(),
       granted: v.granted === true ? true : undefined,
     };
+    if (v.mode === "shared") info.mode = "shared";
+    return info;
   } catch {
     return {
       owner: "",

@@ -33,7 +33,16 @@ import { ErrorReason, type LockInfo } from "../protocol.ts";
 import { BookStore } from "../store/book_store.ts";
 import type { Claim, ClaimBookOptions } from "../store/claim_book.ts";
 import { type Clock, systemClock, type TimerHandle } from "../store/clock.ts";
-import { conflicts, emptyGroup, fits, join, type Ranked } from "../store/rules.ts";
+import {
+  conflicts,
+  countByMode,
+  emptyGroup,
+  fits,
+  isShared,
+  join,
+  modeOf,
+  type Ranked,
+} from "../store/rules.ts";
 import {
   type ClaimHandler,
   type ClaimRequest,
@@ -80,6 +89,11 @@ interface EtcdExt {
 type EtcdClaim = Claim<EtcdExt>;
 
 const log = getLogger(["tcpnetlock", "etcd"]);
+/**
+ * How many keys a shared request's placing transaction reads from the head of its queue: it is
+ * granted there when every key ahead is a shared holder among them; past them, the mirror says.
+ */
+const SHARED_HEAD = 32;
 const RESOLVED = Promise.resolve();
 
 function randomId(): string {
@@ -281,6 +295,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
         name,
         limit: recs[0].info.limit,
         waiting: recs.length - held,
+        ...countByMode(recs.slice(held).map((r) => r.info)),
         holders: recs.slice(0, held).map((r) => {
           const mine = this.#byKey.get(r.key);
           const local = mine !== undefined && mine.state === "holding";
@@ -289,6 +304,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
             token: local ? mine.token : tokenOf(r.info.granted ? r.modRev : r.rev, r.info.slot),
             since: local ? new Date(mine.grantedWall).toISOString() : r.info.since,
             remote: r.info.remote,
+            mode: modeOf(r.info),
           };
         }),
       });
@@ -319,7 +335,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
         ext.key,
         name,
         `${this.prefix}/${name}/`,
-        limit,
+        isShared(claim.request) ? SHARED_HEAD : limit,
         (slot) => this.#value(claim, false, slot),
         lease,
       );
@@ -362,8 +378,10 @@ export class EtcdStore extends BookStore<EtcdExt> {
       this.book.grant(claim, tokenOf(placed.revision, placed.slot));
       return;
     }
-    if (this.book.waitOf(claim.request) === 0 && at < 0) {
-      // Taken (the keys ahead are all of its limit: the rules would make it wait).
+    if (this.book.waitOf(claim.request) === 0 && (at < 0 ? !isShared(claim.request) : wroteNow)) {
+      // Taken: its own key is past the head it read (the keys ahead are all of its limit: the
+      // rules would make it wait), or in it but not among the holders. A shared request may come
+      // after more shared holders than it read: the mirror decides.
       this.#forget(claim);
       this.book.notGranted(claim);
       this.#deleteUntilGone(ext);
@@ -470,6 +488,7 @@ export class EtcdStore extends BookStore<EtcdExt> {
       since: new Date(this.#clock.wallNow()).toISOString(),
     };
     if (granted) info.granted = true;
+    if (isShared(claim.request)) info.mode = "shared";
     return encodeInfo(info);
   }
 

@@ -203,8 +203,9 @@ export class ClaimBook<X> {
     return this.#entries.values();
   }
 
-  /** The holder group of an entry (for the rules): how many hold, with which limit. */
+  /** The holder group of an entry (for the rules): how many hold, with which limit and mode. */
   group(entry: BookEntry<X>): HolderGroup {
+    // Holders of a name all hold in one mode (the rules never mix them): the first one says.
     const g = emptyGroup();
     const first = entry.holders.values().next();
     if (!first.done) join(g, first.value.request);

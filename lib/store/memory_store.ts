@@ -11,7 +11,7 @@ import { ErrorReason, type LockInfo } from "../protocol.ts";
 import { TokenSequence, type TokenSource } from "../tokens.ts";
 import { BookStore } from "./book_store.ts";
 import type { BookEntry, Claim, ClaimBookOptions } from "./claim_book.ts";
-import { conflicts, fits, join } from "./rules.ts";
+import { conflicts, countByMode, fits, join, modeOf } from "./rules.ts";
 import {
   type ClaimHandler,
   type ClaimRequest,
@@ -107,11 +107,13 @@ export class MemoryStore extends BookStore<undefined> {
         name: entry.name,
         limit: any.request.limit,
         waiting: entry.waiters.length,
+        ...countByMode(entry.waiters.map((c) => c.request)),
         holders: [...entry.holders].map((c) => ({
           client_id: c.request.clientId,
           token: c.token,
           since: new Date(c.grantedWall).toISOString(),
           remote: c.request.remote,
+          mode: modeOf(c.request),
         })),
       });
     }
@@ -165,7 +167,8 @@ export class MemoryStore extends BookStore<undefined> {
   }
 }
 
-/** Any claim holding or waiting on the entry's name (they all have the same limit here). */
+/** Any claim holding or waiting on the entry's name (they all have the same limit here, and a
+ * shared one's limit is 1). */
 function first(entry: BookEntry<undefined>): Claim<undefined> | undefined {
   const h = entry.holders.values().next();
   return h.done ? entry.waiters[0] : h.value;
