@@ -154,6 +154,18 @@ export interface LockOptions {
   /** Counting semaphore: up to this many holders of the name at once. Default: 1. */
   limit?: number;
   /**
+   * A readers–writer lock: `"shared"` holds the name beside other shared holders (readers),
+   * `"exclusive"` holds it alone (a writer; what a lock without `mode` does). Both wait in one
+   * FIFO queue, so a waiting writer is never starved by readers that come after it. Sent as
+   * `mode:` on the lock line only when set; `"shared"` takes no `limit` above 1.
+   *
+   * @example
+   * ```ts ignore
+   * await using lock = await new LockClient().lock("dataset", { mode: "shared", wait: 60 });
+   * ```
+   */
+  mode?: "shared" | "exclusive";
+  /**
    * Send `.keepalive` every this many seconds while held. Default: a third of `ttl`, or never
    * without a ttl. Useful without a ttl to keep idle-connection killers (NAT, proxies) at bay.
    */
@@ -352,7 +364,7 @@ export class LockClient implements AsyncDisposable {
   /**
    * Takes the lock `name`, and resolves once it is held.
    *
-   * Without `wait`, `ttl` and `limit` this is a version 1 request (`lock,name:NAME`), which any
+   * Without `wait`, `ttl`, `limit` and `mode` this is a version 1 request (`lock,name:NAME`), which any
    * tcpnetlock server understands; the lock then has no token. With any of them the server
    * answers with a fencing token and may queue the request.
    *
@@ -368,11 +380,11 @@ export class LockClient implements AsyncDisposable {
    * ```
    *
    * @param name the lock: 1 to 255 letters, digits, `_` and `-`
-   * @param options wait, lease, semaphore limit, keepalive, client id, queue callback, signal
+   * @param options wait, lease, semaphore limit, shared mode, keepalive, client id, queue callback, signal
    * @returns the held lock
    */
   async lock(name: string, options: LockOptions = {}): Promise<HeldLock> {
-    const { wait, ttl, limit, keepAlive, onQueued } = options;
+    const { wait, ttl, limit, mode, keepAlive, onQueued } = options;
     if (!isValidLockName(name)) throw new InvalidLockNameError(name);
     const clientId = options.clientId ?? this.clientId;
     if (clientId !== undefined && !isValidClientId(clientId)) {
@@ -384,18 +396,26 @@ export class LockClient implements AsyncDisposable {
     if (limit !== undefined && !(Number.isSafeInteger(limit) && limit >= 1)) {
       throw new RangeError(`Invalid limit "${limit}": use a whole number of at least 1`);
     }
+    if (mode !== undefined && mode !== "shared" && mode !== "exclusive") {
+      throw new RangeError(`Invalid mode "${mode}": use "shared" or "exclusive"`);
+    }
+    if (mode === "shared" && limit !== undefined && limit > 1) {
+      throw new RangeError(`Invalid mode "shared" with limit ${limit}: a shared lock has no limit`);
+    }
     if (ttl !== undefined && keepAlive !== undefined && keepAlive >= ttl) {
       throw new RangeError(
         `Invalid keepAlive "${keepAlive}": it must be shorter than the ttl of ${ttl} s`,
       );
     }
-    const extended = wait !== undefined || ttl !== undefined || limit !== undefined;
+    const extended = wait !== undefined || ttl !== undefined || limit !== undefined ||
+      mode !== undefined;
     const request = formatRequest(Action.LOCK, {
       name,
       "client-id": clientId,
       wait: formatSeconds(wait),
       ttl: formatSeconds(ttl),
       limit,
+      mode,
       auth: this.#authToken,
     });
 
@@ -442,8 +462,8 @@ export class LockClient implements AsyncDisposable {
             if (extended && token === undefined) {
               throw new ProtocolError(
                 fail(
-                  'the server granted it without a fencing token, so it ignored "wait", "ttl" ' +
-                    'and "limit" (a version 1 server?)',
+                  'the server granted it without a fencing token, so it ignored "wait", "ttl", ' +
+                    '"limit" and "mode" (a version 1 server?)',
                 ),
                 reply.word,
                 facts,
@@ -1147,6 +1167,7 @@ const REASON_HINTS: Record<string, string> = {
   [ErrorReason.FORBIDDEN]:
     "the server obeys this only from its own host unless started with --allow-remote-shutdown",
   [ErrorReason.LIMIT_MISMATCH]: "the lock is held or awaited with a different limit",
+  [ErrorReason.INVALID_MODE]: 'mode is "shared" or "exclusive", and a shared lock has no limit',
   [ErrorReason.TOO_MANY_CONNECTIONS]: "the server is at its --max-connections, try again later",
   [ErrorReason.TOO_MANY_WAITERS]: "the queue is at the server's --max-waiters, try again later",
   [ErrorReason.TOO_MANY_LOCKS]: "the server is at its --max-locks, try again later",

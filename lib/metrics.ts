@@ -102,6 +102,7 @@ export type RequestResult = "granted" | "not_granted" | "timeout" | "error";
  */
 export class LockMetrics {
   #granted = 0;
+  #grantedShared = 0;
   #notGranted = 0;
   #timeout = 0;
   #error = 0;
@@ -119,6 +120,7 @@ export class LockMetrics {
     switch (event.type) {
       case "granted":
         this.#granted++;
+        if (event.claim.request.mode === "shared") this.#grantedShared++;
         this.waitTime.observeMs(event.waitedMs);
         break;
       case "not_granted":
@@ -146,6 +148,11 @@ export class LockMetrics {
       timeout: this.#timeout,
       error: this.#error,
     };
+  }
+
+  /** Grants so far by mode (`shared`, `exclusive`: every grant without `mode:shared`). */
+  grantsByMode(): { shared: number; exclusive: number } {
+    return { shared: this.#grantedShared, exclusive: this.#granted - this.#grantedShared };
   }
 
   /** Leases that ran out so far. */
@@ -186,6 +193,15 @@ export class LockMetrics {
     const requests = this.requests();
     for (const result of ["granted", "not_granted", "timeout", "error"] as const) {
       out.sample("tcpnetlock_lock_requests_total", requests[result], "result", result);
+    }
+    out.family(
+      "tcpnetlock_lock_grants_total",
+      "counter",
+      "Grants by mode: shared (mode:shared, readers) or exclusive (every other grant).",
+    );
+    const byMode = this.grantsByMode();
+    for (const mode of ["shared", "exclusive"] as const) {
+      out.sample("tcpnetlock_lock_grants_total", byMode[mode], "mode", mode);
     }
     out.family(
       "tcpnetlock_leases_expired_total",

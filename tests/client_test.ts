@@ -286,6 +286,40 @@ Deno.test("lock() with wait, ttl or limit sends an extended request and gets a f
   greater(second.token, first.token);
 });
 
+Deno.test("lock(), tryLock() and withLock() take shared locks with mode; mode is sent only when set", async () => {
+  await using srv = await startTestServer();
+  await using proxy = new TcpProxy(srv.port);
+  const client = new LockClient({ host: "127.0.0.1", port: proxy.port });
+  const r1 = await client.lock("ds", { mode: "shared" });
+  const r2 = await client.lock("ds", { mode: "shared", wait: 0 });
+  greater(r2.token, r1.token);
+  assert.deepEqual(srv.server.locks()[0].holders.map((h) => h.mode), ["shared", "shared"]);
+  // A writer is refused beside readers; a queued one blocks the readers after it.
+  assert.equal(await client.tryLock("ds", { mode: "exclusive" }), null);
+  const positions: number[] = [];
+  const writer = client.lock("ds", {
+    mode: "exclusive",
+    wait: 30,
+    onQueued: (p) => positions.push(p),
+  });
+  await until(() => positions.length > 0, "the writer queued");
+  assert.equal(await client.tryLock("ds", { mode: "shared" }), null);
+  const ran = await client.withLock("other", ({ token }) => token, { mode: "shared" });
+  assert.ok(Number.isSafeInteger(ran));
+  await r1.release();
+  await r2.release();
+  const w = await writer;
+  greater(w.token, r2.token);
+  await w.release();
+  assert.deepEqual(
+    proxy.sent,
+    "lock,name:ds,mode:shared\nlock,name:ds,wait:0,mode:shared\nlock,name:ds,mode:exclusive\n" +
+      "lock,name:ds,wait:30,mode:exclusive\nlock,name:ds,mode:shared\nlock,name:other,mode:shared\n" +
+      "release\nrelease\nrelease\nrelease\n",
+  );
+  assert.deepEqual(positions, [1]);
+});
+
 Deno.test("lock() with wait queues in FIFO order, reports positions, and hands over on release", async () => {
   await using srv = await startTestServer();
   const client = new LockClient({ host: "127.0.0.1", port: srv.port });
@@ -662,6 +696,9 @@ Deno.test("bad option values are rejected before anything is sent", async () => 
   await rejects(() => client.lock("db", { ttl: 0 }), RangeError);
   await rejects(() => client.lock("db", { limit: 1.5 }), RangeError);
   await rejects(() => client.lock("db", { ttl: 1, keepAlive: 2 }), RangeError);
+  // deno-lint-ignore no-explicit-any
+  await rejects(() => client.lock("db", { mode: "read" as any }), RangeError);
+  await rejects(() => client.lock("db", { mode: "shared", limit: 2 }), RangeError);
   throws(() => new LockClient({ port: 70000 }), RangeError);
   throws(() => new LockClient({ authToken: "a,b" }), RangeError);
   assert.deepEqual(srv.server.stats().requests_count, 0);

@@ -447,3 +447,27 @@ Deno.test("server.ts exits 2 when it cannot listen for HTTP", async () => {
     stderr,
   );
 });
+
+Deno.test("/metrics counts grants by mode, and promtool accepts the exposition", async () => {
+  await using h = await startWithHttp();
+  const port = h.port;
+  await using r1 = await RawClient.connect(port);
+  await using r2 = await RawClient.connect(port);
+  assert.match((await r1.request("lock,name:ds,mode:shared"))!, /^ok,token:\d+$/);
+  assert.match((await r2.request("lock,name:ds,mode:shared"))!, /^ok,token:\d+$/);
+  assert.deepEqual(await exchange(port, "lock,name:ds,mode:exclusive\n"), ["not-granted"]);
+  await using w = await RawClient.connect(port);
+  assert.match((await w.request("lock,name:other,mode:exclusive"))!, /^ok,token:\d+$/);
+  await using v1 = await RawClient.connect(port);
+  assert.deepEqual(await v1.request("lock,name:v1"), "ok");
+  const res = await get(`${h.base}/metrics`);
+  const m = samples(res.body);
+  assert.deepEqual(sample(m, 'tcpnetlock_lock_grants_total{mode="shared"}'), 2);
+  assert.deepEqual(sample(m, 'tcpnetlock_lock_grants_total{mode="exclusive"}'), 2);
+  assert.deepEqual(sample(m, 'tcpnetlock_lock_requests_total{result="granted"}'), 4);
+  if (PROMTOOL !== undefined) {
+    const { code, output } = await promtoolCheck(res.body);
+    assert.deepEqual(code, 0, `promtool check metrics failed:\n${output}`);
+    assert.deepEqual(output.trim(), "", `promtool check metrics complained:\n${output}`);
+  }
+});
