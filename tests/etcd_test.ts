@@ -141,6 +141,80 @@ Deno.test({
 });
 
 Deno.test({
+  name: "three servers, shared locks: readers on two hold at once, a writer on a third waits " +
+    "for both and blocks later readers everywhere",
+  ignore: !ETCD,
+  async fn() {
+    const prefix = newPrefix();
+    await using a = await etcdServer(prefix);
+    await using b = await etcdServer(prefix);
+    await using c = await etcdServer(prefix);
+    const servers = [a, b, c];
+    await using ra = await RawClient.connect(a.port);
+    await using rb = await RawClient.connect(b.port);
+    const ta = token(await ra.request("lock,name:ds,mode:shared,client-id:ra"));
+    const tb = token(await rb.request("lock,name:ds,mode:shared,client-id:rb"));
+    assert.ok(tb > ta);
+    await using w = await RawClient.connect(c.port);
+    assert.equal(await w.request("lock,name:ds,mode:exclusive,wait:30"), "queued,position:1");
+    // Every server now queues a reader behind the writer; no reader gets in without a wait.
+    const late: RawClient[] = [];
+    try {
+      for (const [i, srv] of servers.entries()) {
+        assert.deepEqual(await exchange(srv.port, "lock,name:ds,mode:shared\n"), [
+          "not-granted",
+        ]);
+        const r = await RawClient.connect(srv.port);
+        late.push(r);
+        assert.equal(
+          await r.request(`lock,name:ds,mode:shared,wait:30,client-id:late${i}`),
+          `queued,position:${i + 2}`,
+        );
+      }
+      for (const srv of servers) {
+        const [info] = JSON.parse((await exchange(srv.port, ".locks\n"))[0].slice(6));
+        assert.deepEqual(
+          info.holders.map((h: { client_id: string; mode: string }) => [h.client_id, h.mode]),
+          [["ra", "shared"], ["rb", "shared"]],
+        );
+        assert.deepEqual([info.waiting_shared, info.waiting_exclusive], [3, 1]);
+      }
+      // One reader goes: the writer still waits for the other.
+      assert.equal(await ra.request("release"), "released");
+      const [info] = JSON.parse((await exchange(c.port, ".locks\n"))[0].slice(6));
+      assert.deepEqual(info.holders.map((h: { client_id: string }) => h.client_id), ["rb"]);
+      assert.equal(await rb.request("release"), "released");
+      let l = await w.line();
+      while (l !== null && l.startsWith("queued,")) l = await w.line();
+      const tw = token(l);
+      assert.ok(tw > tb);
+      for (const srv of servers) {
+        const [info] = JSON.parse((await exchange(srv.port, ".locks\n"))[0].slice(6));
+        assert.deepEqual(info.holders.map((h: { mode: string }) => h.mode), ["exclusive"]);
+        assert.equal(info.waiting_shared, 3);
+      }
+      assert.equal(await w.request("release"), "released");
+      // The three late readers, one per server, are granted together.
+      const tokens = [];
+      for (const r of late) {
+        let l = await r.line();
+        while (l !== null && l.startsWith("queued,")) l = await r.line();
+        tokens.push(token(l));
+      }
+      assert.ok(tokens.every((t) => t > tw));
+      const [after] = JSON.parse((await exchange(a.port, ".locks\n"))[0].slice(6));
+      assert.deepEqual(after.holders.map((h: { mode: string }) => h.mode), [
+        "shared",
+        "shared",
+        "shared",
+      ]);
+    } finally {
+      for (const r of late) r.close();
+    }
+  },
+});
+
+Deno.test({
   name: "a SIGKILLed server's lock passes to a waiter on another server within the lease ttl",
   ignore: !ETCD,
   async fn() {

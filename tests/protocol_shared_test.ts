@@ -209,3 +209,16 @@ Deno.test("mode: invalid values, shared with a limit, and mixing with limit:N", 
     "err,limit mismatch",
   ]);
 });
+
+Deno.test("forty readers hold at once, each asking without a wait", async () => {
+  await using srv = await startTestServer();
+  const readers = await connectAll(srv.port, 40);
+  try {
+    for (const r of readers) token(await r.request("lock,name:many,mode:shared,wait:0"));
+    const info = (await locks(srv.port, "many"))!;
+    assert.equal(info.holders.length, 40);
+    assert.deepEqual(await exchange(srv.port, "lock,name:many,wait:0\n"), ["not-granted"]);
+  } finally {
+    for (const r of readers) r.close();
+  }
+});
