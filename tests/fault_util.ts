@@ -472,6 +472,12 @@ export interface Hold {
   token: number;
   /** Who held it (for messages). */
   who: string;
+  /** Held shared (`mode:shared`); otherwise exclusive. */
+  shared?: boolean;
+  /** When the request was sent (ms): for the starvation check. */
+  sentAt?: number;
+  /** When its first `queued` line arrived (ms), if it waited: for the starvation check. */
+  queuedAt?: number;
 }
 
 /**
@@ -483,14 +489,22 @@ export interface Hold {
  * came back), closed its socket or was sent SIGKILL; for a lease that may have run out (no
  * `released` came back), no later than the send time of the last line answered by the holder
  * (or of the request) plus the ttl. Holds that end before they start are empty and ignored.
+ *
+ * A name declared with modes (shared locks) is checked as a readers–writer lock: any number of
+ * shared holds may overlap, an exclusive hold overlaps no other hold; tokens increase between
+ * holds one after the other of which one is exclusive; and no shared request sent after an
+ * exclusive one was queued gets its `ok` before that exclusive one (a writer is never overtaken
+ * by later readers: sound, since such a reader can be granted only after the writer released).
  */
 export class HoldChecker {
   readonly holds: Hold[] = [];
   readonly limits = new Map<string, number>();
+  readonly #modes = new Set<string>();
 
-  /** Declares a name's limit. */
-  limit(name: string, n: number): void {
+  /** Declares a name's limit, and whether its clients use modes (shared locks). */
+  limit(name: string, n: number, modes = false): void {
     this.limits.set(name, n);
+    if (modes) this.#modes.add(name);
   }
 
   add(hold: Hold): void {
@@ -508,6 +522,11 @@ export class HoldChecker {
       list.push(h);
     }
     for (const [name, holds] of byName) {
+      if (this.#modes.has(name)) {
+        out.push(...modeViolations(name, holds));
+        if (out.length > 20) return out;
+        continue;
+      }
       const limit = this.limits.get(name) ?? 1;
       // Sweep: ends before starts at the same instant (touching is not overlapping).
       const events: [number, number, Hold][] = [];
@@ -543,6 +562,71 @@ export class HoldChecker {
     }
     return out;
   }
+}
+
+/** The readers–writer checks of {@linkcode HoldChecker} for one name. */
+function modeViolations(name: string, holds: Hold[]): string[] {
+  const out: string[] = [];
+  const show = (o: Hold) =>
+    `${o.who}(${o.shared ? "S" : "X"})[${o.start.toFixed(1)}..${
+      o.end.toFixed(1)
+    } token ${o.token}]`;
+  // Overlaps: ends before starts at the same instant.
+  const events: [number, number, Hold][] = [];
+  for (const h of holds) events.push([h.start, 1, h], [h.end, -1, h]);
+  events.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+  const open = new Set<Hold>();
+  let exclusiveOpen = 0;
+  for (const [t, d, h] of events) {
+    if (d < 0) {
+      open.delete(h);
+      if (!h.shared) exclusiveOpen--;
+      continue;
+    }
+    open.add(h);
+    if (!h.shared) exclusiveOpen++;
+    if (exclusiveOpen > 0 && open.size > 1) {
+      out.push(
+        `${name}: an exclusive hold beside another at ${t.toFixed(1)}: ${[...open].map(show)}`,
+      );
+      if (out.length > 20) return out;
+    }
+  }
+  // Tokens: a hold that starts after another ended, one of them exclusive, has the larger token.
+  const byStart = holds.filter((h) => h.token > 0).sort((a, b) => a.start - b.start);
+  const byEnd = [...byStart].sort((a, b) => a.end - b.end);
+  let j = 0;
+  let maxAll: Hold | undefined, maxExclusive: Hold | undefined;
+  for (const h of byStart) {
+    while (j < byEnd.length && byEnd[j].end < h.start) {
+      const e = byEnd[j++];
+      if (maxAll === undefined || e.token > maxAll.token) maxAll = e;
+      if (!e.shared && (maxExclusive === undefined || e.token > maxExclusive.token)) {
+        maxExclusive = e;
+      }
+    }
+    const before = h.shared ? maxExclusive : maxAll;
+    if (before !== undefined && h.token <= before.token) {
+      out.push(`${name}: token of ${show(h)} not above ${show(before)}, which ended before`);
+      if (out.length > 20) return out;
+    }
+  }
+  // Starvation: no reader sent after a writer queued gets its ok before that writer.
+  const writers = holds.filter((h) => !h.shared && h.queuedAt !== undefined);
+  for (const r of holds) {
+    if (!r.shared || r.sentAt === undefined) continue;
+    for (const w of writers) {
+      if (r.sentAt > w.queuedAt! && r.start < w.start) {
+        out.push(
+          `${name}: reader ${show(r)} sent at ${r.sentAt.toFixed(1)} overtook writer ${
+            show(w)
+          } queued at ${w.queuedAt!.toFixed(1)}`,
+        );
+        if (out.length > 20) return out;
+      }
+    }
+  }
+  return out;
 }
 
 // --- Network namespaces
@@ -766,8 +850,11 @@ export interface ChurnOptions {
   /** Clients that are netcat processes, SIGKILLed while they hold. */
   killers: number;
   durationMs: number;
-  /** The names and their limits (every client of a name uses that limit). */
-  names: { name: string; limit: number }[];
+  /**
+   * The names and their limits (every client of a name uses that limit). With `modes`, a name
+   * (of limit 1) is taken shared or exclusive at random (`mode:`), as a readers–writer lock.
+   */
+  names: { name: string; limit: number; modes?: boolean }[];
   seed: number;
   /** The longest `wait` a client asks for, in seconds. */
   maxWait?: number;
@@ -793,7 +880,7 @@ export interface ChurnResult {
  */
 export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
   const checker = new HoldChecker();
-  for (const n of o.names) checker.limit(n.name, n.limit);
+  for (const n of o.names) checker.limit(n.name, n.limit, n.modes);
   const counts: Record<string, number> = {};
   const count = (k: string) => counts[k] = (counts[k] ?? 0) + 1;
   const problems: string[] = [];
@@ -804,8 +891,10 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
 
   /** One lock attempt's request line and its parameters. */
   const pick = (r: () => number) => {
-    const { name, limit } = o.names[Math.floor(r() * o.names.length)];
-    const v1 = limit === 1 && r() < 0.15;
+    const { name, limit, modes } = o.names[Math.floor(r() * o.names.length)];
+    // Readers are most of the requests on a name with modes, as in real use.
+    const shared = modes === true && r() < 0.7;
+    const v1 = !shared && limit === 1 && r() < 0.15;
     const wait = v1 ? 0 : [0, 0.05, 0.2, maxWait / 2, maxWait][Math.floor(r() * 5)];
     const ttl = v1 || r() < 0.6 ? undefined : [0.3, 0.5, 1][Math.floor(r() * 3)];
     let line = `lock,name:${name}`;
@@ -813,8 +902,10 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
       line += `,wait:${wait}`;
       if (ttl !== undefined) line += `,ttl:${ttl}`;
       if (limit > 1 || r() < 0.3) line += `,limit:${limit}`;
+      if (shared) line += ",mode:shared";
+      else if (modes && r() < 0.5) line += ",mode:exclusive";
     }
-    return { name, limit, v1, wait, ttl, line };
+    return { name, limit, v1, wait, ttl, line, shared };
   };
   const bound = (wait: number, ttl: number | undefined) => (Math.max(wait, ttl ?? 0) + 3) * 1000;
   const tokenOf = (reply: string) => Number(/token:(\d+)/.exec(reply)?.[1] ?? 0);
@@ -859,6 +950,7 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
           })
           : undefined;
         let reply: string | null;
+        let queuedAt: number | undefined;
         try {
           for (;;) {
             const next = c.line();
@@ -876,6 +968,7 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
             }
             reply = got;
             if (reply === null || !reply.startsWith("queued,")) break;
+            queuedAt ??= performance.now();
             if (!/^queued,position:[1-9]\d*$/.test(reply)) problems.push(`${who}: bad ${reply}`);
           }
         } finally {
@@ -886,6 +979,7 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
         const start = performance.now();
         count("granted");
         const token = tokenOf(reply!);
+        const modeOf = { shared: p.shared, sentAt: s0, queuedAt };
         // Hold: a few keepalives (renewing the lease), then let go.
         let lastAnswered = s0;
         let lost = false;
@@ -902,7 +996,7 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
         const leaseEnd = p.ttl === undefined ? Infinity : lastAnswered + p.ttl * 1000;
         if (lost) {
           count("expired");
-          checker.add({ name: p.name, start, end: leaseEnd, token, who });
+          checker.add({ name: p.name, start, end: leaseEnd, token, who, ...modeOf });
           continue;
         }
         await delay(r() < 0.1 ? r() * 100 : r() * 10);
@@ -911,22 +1005,22 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
           const e = await within(c.line(), bound(0, p.ttl), `${who} expiry`);
           if (e !== "expired") problems.push(`${who}: silent holder got ${JSON.stringify(e)}`);
           count("silent until expired");
-          checker.add({ name: p.name, start, end: leaseEnd, token, who });
+          checker.add({ name: p.name, start, end: leaseEnd, token, who, ...modeOf });
         } else if (behaviour > 0.75) {
           const t = performance.now();
           c.close();
           count("closed while holding");
-          checker.add({ name: p.name, start, end: Math.min(t, leaseEnd), token, who });
+          checker.add({ name: p.name, start, end: Math.min(t, leaseEnd), token, who, ...modeOf });
         } else {
           const t = performance.now();
           await c.send("release");
           const rel = await within(c.line(), bound(0, p.ttl), `${who} release`);
           if (rel === "released") {
             count("released");
-            checker.add({ name: p.name, start, end: t, token, who });
+            checker.add({ name: p.name, start, end: t, token, who, ...modeOf });
           } else if (rel === "expired" && p.ttl !== undefined) {
             count("expired");
-            checker.add({ name: p.name, start, end: Math.min(t, leaseEnd), token, who });
+            checker.add({ name: p.name, start, end: Math.min(t, leaseEnd), token, who, ...modeOf });
           } else {
             problems.push(`${who}: release got ${JSON.stringify(rel)}`);
           }
@@ -968,6 +1062,7 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
           end: Math.min(t, leaseEnd),
           token: tokenOf(reply!),
           who,
+          shared: p.shared,
         });
       } catch (err) {
         problems.push(`${who}: ${err instanceof Error ? err.message : err}`);
@@ -978,16 +1073,22 @@ export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
   let monitoring = true;
   const monitor = (async () => {
     const limits = new Map(o.names.map((n) => [n.name, n.limit]));
+    const modes = new Set(o.names.filter((n) => n.modes).map((n) => n.name));
     while (monitoring) {
       try {
-        const locks = await query<{ name: string; limit: number; holders: unknown[] }[]>(
+        const locks = await query<
+          { name: string; limit: number; holders: { mode?: string }[] }[]
+        >(
           o.port,
           ".locks",
           hostname,
         );
         for (const l of locks) {
           maxSeen[l.name] = Math.max(maxSeen[l.name] ?? 0, l.holders.length);
-          if (l.holders.length > (limits.get(l.name) ?? 1) || l.limit !== limits.get(l.name)) {
+          const tooMany = modes.has(l.name)
+            ? l.holders.length > 1 && l.holders.some((h) => h.mode !== "shared")
+            : l.holders.length > (limits.get(l.name) ?? 1);
+          if (tooMany || l.limit !== limits.get(l.name)) {
             problems.push(`.locks shows ${JSON.stringify(l)}`);
           }
         }
