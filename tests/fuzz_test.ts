@@ -3,7 +3,8 @@
  * in-memory byte source, with random chunkings, against a reference split) and of the request
  * parser; then a socket fuzzer that throws random and mutated request lines at a real server for
  * a few seconds: every reply must be one the protocol documents, in an order it allows, the
- * server must keep answering, never more holders than a name's limit, and nothing left behind.
+ * server must keep answering, never more holders than a name's limit (shared holders only beside
+ * shared ones), and nothing left behind.
  */
 
 import assert from "node:assert/strict";
@@ -150,7 +151,7 @@ Deno.test("parseRequest: splits at commas, trims, last duplicate wins, empty act
       word(false),
       fc.array(
         fc.tuple(
-          fc.constantFrom("name", "wait", "ttl", "limit", "client-id", "auth").chain((k) =>
+          fc.constantFrom("name", "wait", "ttl", "limit", "mode", "client-id", "auth").chain((k) =>
             fc.oneof(fc.constant(k), word(true))
           ),
           fc.option(fc.string({ maxLength: 12 }).filter((s) => !s.includes(",")), {
@@ -248,6 +249,7 @@ const REASONS = [
   "invalid wait",
   "invalid ttl",
   "invalid limit",
+  "invalid mode",
   "limit mismatch",
   "too many waiters",
   "too many locks",
@@ -298,6 +300,7 @@ const goodLock = fc.record({
   wait: fc.option(fc.constantFrom("0", "0.05", "0.2", "1"), { nil: undefined }),
   ttl: fc.option(fc.constantFrom("0.1", "0.3", "2"), { nil: undefined }),
   limit: fc.option(fc.constantFrom("1", "2"), { nil: undefined }),
+  mode: fc.option(fc.constantFrom("shared", "shared", "exclusive"), { nil: undefined }),
   id: fc.option(fc.constantFrom("fuzz-1", "a.b@c"), { nil: undefined }),
 }).map((r) =>
   formatRequest("lock", {
@@ -305,6 +308,7 @@ const goodLock = fc.record({
     wait: r.wait,
     ttl: r.ttl,
     limit: r.limit,
+    mode: r.mode,
     "client-id": r.id,
   })
     .slice(0, -1)
@@ -328,6 +332,7 @@ const anyLine = fc.tuple(
         .map((v) => `wait:${v}`),
       fc.constantFrom("0.1", "0.5", "1", "0", "-1", "x", "").map((v) => `ttl:${v}`),
       fc.constantFrom("1", "2", "3", "0", "-1", "1.5", "").map((v) => `limit:${v}`),
+      fc.constantFrom("shared", "exclusive", "read", "Shared", "").map((v) => `mode:${v}`),
       fc.constantFrom("fuzz-1", "a.b@c", "bad id", "").map((v) => `client-id:${v}`),
       fc.string({ maxLength: 10 }).filter((s) => !s.includes("\n")),
     ),
@@ -460,7 +465,12 @@ Deno.test("socket fuzzer: random and mutated requests get documented replies; th
       try {
         await ping(port, "127.0.0.1", 2000);
         for (const l of await query<LockInfo[]>(port, ".locks")) {
-          if (l.holders.length > l.limit) problems.push(`.locks shows ${JSON.stringify(l)}`);
+          // Shared holders may be many; an exclusive one is alone (or within its limit).
+          const shared = l.holders.filter((h) => h.mode === "shared").length;
+          const mixed = shared > 0 && shared < l.holders.length;
+          if (mixed || (shared === 0 && l.holders.length > l.limit)) {
+            problems.push(`.locks shows ${JSON.stringify(l)}`);
+          }
           const tokens = new Set(l.holders.map((h) => h.token));
           if (tokens.size !== l.holders.length) {
             problems.push(`duplicate tokens ${JSON.stringify(l)}`);
