@@ -14,7 +14,7 @@
  * ```
  *
  * Scenarios: `cycles` (lock+release per second and latency at 1, 16 and 64 clients), `handover`
- * (64 clients on 4 names with `wait:30`), `held` (15,000 locks held at once: memory, idle CPU,
+ * (64 clients on 4 names with `wait:30`; then again with 80 % readers, `mode:shared`), `held` (15,000 locks held at once: memory, idle CPU,
  * `.ping` latency, release time), `ready` (process start to the first `pong`) and `do` (what
  * `deno run -A do.ts -- true` takes beyond an empty `deno run`).
  *
@@ -493,7 +493,11 @@ interface EtcdResult {
 interface RunResult {
   etcd?: EtcdResult;
   cycles?: Pair<CyclesResult[]>;
-  handover?: Pair<HandoverResult> & { referenceCyclesPerSecond: number | null };
+  handover?: Pair<HandoverResult> & {
+    referenceCyclesPerSecond: number | null;
+    /** The same hand-over with 80 % readers (`mode:shared`) and 20 % writers. */
+    shared: Pair<HandoverResult>;
+  };
   held?: Pair<HeldResult>;
   ready?: Pair<ReadyResult>;
   do?: DoResult;
@@ -566,7 +570,7 @@ async function scenarioCycles(ctx: Context): Promise<Pair<CyclesResult[]>> {
 async function scenarioHandover(
   ctx: Context,
   run: RunResult,
-): Promise<Pair<HandoverResult> & { referenceCyclesPerSecond: number | null }> {
+): Promise<NonNullable<RunResult["handover"]>> {
   const s = ctx.sizes;
   let reference = run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null;
   const pair = await perServer(ctx, async (target, _server, kind) => {
@@ -597,8 +601,29 @@ async function scenarioHandover(
     );
     return r;
   });
-  return { ...pair, referenceCyclesPerSecond: reference };
+  // Readers and writers: 80 % of the clients take the names shared, 20 % exclusive, in one queue.
+  const shared = await perServer(ctx, async (target, _server, kind) => {
+    const r = await runHandover(target, {
+      clients: s.handoverClients,
+      names: s.handoverNames,
+      durationMs: s.handoverMs,
+      warmupMs: s.handoverWarmupMs,
+      wait: 30,
+      checkLocking: kind.label === "ours",
+      readers: SHARED_READERS,
+    });
+    progress(
+      `handover 80 % readers ${kind.label}: ${r.rate}/s (${r.sharedGrants} shared of ${r.grants}), ` +
+        `delay p50 ${r.delay.p50} p99 ${r.delay.p99} ms, writer lock->ok p50 ` +
+        `${r.writerGrantLatency?.p50} p99 ${r.writerGrantLatency?.p99} ms, ${r.errors.total} errors`,
+    );
+    return r;
+  });
+  return { ...pair, referenceCyclesPerSecond: reference, shared };
 }
+
+/** The share of readers in the readers–writer hand-over. */
+const SHARED_READERS = 0.8;
 
 async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
   const s = ctx.sizes;
@@ -954,12 +979,39 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
     },
     {
       scenario: "handover",
-      metric: "handover errors",
+      metric: `hand-over grants/s, 80 % readers (${hc})`,
+      unit: "/s",
+      get: (r) => ({
+        ours: r.handover?.shared?.ours?.rate,
+        floor: r.handover?.shared?.floor?.rate,
+      }),
+    },
+    {
+      scenario: "handover",
+      metric: "hand-over delay p99, 80 % readers (floor: lock→ok)",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.handover?.shared?.ours?.delay, "p99"),
+        floor: lat(r.handover?.shared?.floor?.grantLatency, "p99"),
+      }),
+    },
+    {
+      scenario: "handover",
+      metric: "writer lock→ok p99, 80 % readers",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.handover?.shared?.ours?.writerGrantLatency, "p99"),
+        floor: lat(r.handover?.shared?.floor?.writerGrantLatency, "p99"),
+      }),
+    },
+    {
+      scenario: "handover",
+      metric: "handover errors (both runs)",
       unit: "",
       errors: true,
       get: (r) => ({
-        ours: r.handover?.ours?.errors.total,
-        floor: r.handover?.floor?.errors.total,
+        ours: sum([r.handover?.ours?.errors.total, r.handover?.shared?.ours?.errors.total]),
+        floor: sum([r.handover?.floor?.errors.total, r.handover?.shared?.floor?.errors.total]),
       }),
       target: "0",
       check: (o) => o === 0,

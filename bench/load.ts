@@ -6,7 +6,8 @@
  * Scenarios (each bounded in count and time; it stops by itself):
  * - `cycles`: lock+release cycles, one TCP connection per lock (connect, `lock,name:X`, `ok`,
  *   `release`, `released`, EOF), N concurrent clients on distinct names: rate and latency.
- * - `handover`: N clients on a few names with `wait:30`: the hand-over rate and the delay from a
+ * - `handover`: N clients on a few names with `wait:30` (`--readers 0.8`: 80 % of them readers,
+ *   `mode:shared`, the rest writers): the hand-over rate and the delay from a
  *   holder's sending `release` to the next waiter of that name receiving `ok,...`. Checks mutual
  *   exclusion, the queue positions and the fencing token order while it runs (unless told it is
  *   the floor, which grants everything at once).
@@ -409,6 +410,12 @@ export interface HandoverOptions {
   checkLocking?: boolean;
   /** Lock names are `${prefix}-${n}`. */
   prefix?: string;
+  /**
+   * The share of clients that are readers (`mode:shared`), 0 to 1 (default 0: every client
+   * sends a plain exclusive request). The others are writers (`mode:exclusive`); on each name
+   * they are spread evenly among the readers.
+   */
+  readers?: number;
 }
 
 /** What {@linkcode runHandover} measured. */
@@ -421,6 +428,12 @@ export interface HandoverResult {
   grants: number;
   /** Grants that went to a client that had been queued (true hand-overs). */
   handovers: number;
+  /** The share of clients that were readers (0: an exclusive-only run). */
+  readers: number;
+  /** Measured grants to readers (`mode:shared`). */
+  sharedGrants: number;
+  /** From sending the lock request to receiving `ok,...`, for writers only (with readers). */
+  writerGrantLatency?: Latency;
   /** `queued,position:P` lines received per grant (the server sends one per position change). */
   queuedPerGrant: number;
   /** The measured window, in seconds. */
@@ -441,6 +454,20 @@ interface NameState {
   /** Grants received and releases sent (or holding connections closed), for the exclusion check. */
   grants: number;
   releases: number;
+  /** The same for shared grants (readers) alone. */
+  sharedGrants: number;
+  sharedReleases: number;
+  /** The largest token of an exclusive grant received so far. */
+  lastExclusiveToken: number;
+}
+
+/** Is client `i` of a hand-over run (on `names` names, `readers` of them readers) a reader? */
+export function isReader(i: number, names: number, readers: number): boolean {
+  if (readers <= 0) return false;
+  // The k-th client of its name is a writer when k crosses a multiple of the writers' share.
+  const k = Math.floor(i / names);
+  const w = 1 - readers;
+  return Math.floor((k + 1) * w + 1e-9) === Math.floor(k * w + 1e-9);
 }
 
 /**
@@ -458,19 +485,30 @@ export async function runHandover(
   const timeoutMs = options.timeoutMs ?? 5000;
   const check = options.checkLocking ?? true;
   const prefix = options.prefix ?? "handover";
+  const readers = options.readers ?? 0;
   const errors = new Errors();
   const delays: number[] = [];
   const grantTimes: number[] = [];
+  const writerGrantTimes: number[] = [];
   const watchdog = new Watchdog();
   const state: NameState[] = Array.from(
     { length: names },
-    () => ({ lastToken: 0, releasedAt: -1, grants: 0, releases: 0 }),
+    () => ({
+      lastToken: 0,
+      releasedAt: -1,
+      grants: 0,
+      releases: 0,
+      sharedGrants: 0,
+      sharedReleases: 0,
+      lastExclusiveToken: 0,
+    }),
   );
   const start = performance.now();
   const measureFrom = start + warmupMs;
   const stopAt = measureFrom + durationMs;
   let stop = false;
   let grants = 0;
+  let sharedGrants = 0;
   let handovers = 0;
   let queuedLines = 0;
   let allGrants = 0;
@@ -478,7 +516,9 @@ export async function runHandover(
   async function worker(i: number): Promise<void> {
     const n = i % names;
     const st = state[n];
-    const lockBytes = encoder.encode(`lock,name:${prefix}-${n},wait:${wait}\n`);
+    const reader = isReader(i, names, readers);
+    const mode = readers <= 0 ? "" : reader ? ",mode:shared" : ",mode:exclusive";
+    const lockBytes = encoder.encode(`lock,name:${prefix}-${n},wait:${wait}${mode}\n`);
     const slot = watchdog.slot();
     const lines = slot.lines;
     let holding = false;
@@ -517,19 +557,26 @@ export async function runHandover(
           errors.add("unexpected-reply", `bad token in ${JSON.stringify(reply)}`);
         }
         st.grants++;
+        if (reader) st.sharedGrants++;
         holding = true;
         if (check) {
           // Every grant but the first needs a release the server has seen, which this process
           // sent earlier: grants received can never run more than one ahead of releases sent.
+          // With readers: a writer's grant finds nobody holding, a reader's finds no writer.
           const holders = st.grants - st.releases;
-          if (holders > 1) {
+          const writers = holders - (st.sharedGrants - st.sharedReleases);
+          if (reader ? writers > 0 : holders > 1) {
             errors.add("exclusion", `${prefix}-${n} granted with ${holders - 1} holder(s) before`);
           }
-          // Grants of one name are received in grant order, so their tokens must increase.
-          if (token <= st.lastToken) {
-            errors.add("token-order", `token ${token} after ${st.lastToken} on ${prefix}-${n}`);
+          // A writer's grant comes after every grant before it was let go, a reader's after
+          // every writer's: their tokens are larger. (Readers granted together may be received
+          // in any order.)
+          const before = reader ? st.lastExclusiveToken : st.lastToken;
+          if (token <= before) {
+            errors.add("token-order", `token ${token} after ${before} on ${prefix}-${n}`);
           }
-          st.lastToken = token;
+          st.lastToken = Math.max(st.lastToken, token);
+          if (!reader) st.lastExclusiveToken = token;
         }
         allGrants++;
         const measured = sent >= measureFrom && now <= stopAt;
@@ -539,6 +586,8 @@ export async function runHandover(
             handovers++;
           }
           grantTimes.push(now - sent);
+          if (reader) sharedGrants++;
+          else if (readers > 0) writerGrantTimes.push(now - sent);
           if (++grants >= maxGrants) stop = true;
         }
         // Release at once, the hold time is (nearly) zero: the rate is the hand-over rate. With
@@ -547,6 +596,7 @@ export async function runHandover(
         // A timer would cost a millisecond; a few microtask turns cost nothing.
         if (check) { for (let k = 0; k < 16; k++) await undefined; }
         st.releases++;
+        if (reader) st.sharedReleases++;
         holding = false;
         st.releasedAt = performance.now();
         await lines.write(RELEASE);
@@ -561,6 +611,7 @@ export async function runHandover(
         if (holding) {
           // Closing a holding connection frees the lock too.
           st.releases++;
+          if (reader) st.sharedReleases++;
           holding = false;
         }
       }
@@ -578,6 +629,9 @@ export async function runHandover(
     names,
     grants,
     handovers,
+    readers,
+    sharedGrants,
+    ...(readers > 0 ? { writerGrantLatency: latency(writerGrantTimes) } : {}),
     queuedPerGrant: allGrants ? round3(queuedLines / allGrants) : 0,
     seconds: round3(seconds),
     rate: Math.round(grants / seconds),
@@ -824,6 +878,7 @@ Options:
   --clients N        concurrent clients (cycles: 16, handover: 64)
   --names N          handover: lock names shared (default 4)
   --seconds S        cycles/handover: measured seconds (default 2)
+  --readers R        handover: the share of clients that take shared locks, 0 to 1 (default 0)
   --count N          held: locks held at once (default 15000)
   --pid PID          held: the server's process id, for memory and CPU figures
   --floor            handover: the server is the floor server (no locking checks)`;
@@ -845,7 +900,17 @@ async function cli(args: string[]): Promise<number> {
       return 2;
     }
   }
-  const known = ["host", "port", "scenario", "clients", "names", "seconds", "count", "pid"];
+  const known = [
+    "host",
+    "port",
+    "scenario",
+    "clients",
+    "names",
+    "seconds",
+    "count",
+    "pid",
+    "readers",
+  ];
   for (const k of Object.keys(opts)) {
     if (!known.includes(k)) {
       console.error(`Unknown flag "--${k}"\n${usage()}`);
@@ -858,6 +923,11 @@ async function cli(args: string[]): Promise<number> {
     return 2;
   }
   const target = { hostname: opts.host ?? "127.0.0.1", port };
+  const readers = Number(opts.readers ?? 0);
+  if (!(readers >= 0 && readers <= 1)) {
+    console.error(`--readers takes a share from 0 to 1, not "${opts.readers}"\n${usage()}`);
+    return 2;
+  }
   const seconds = Number(opts.seconds ?? 2);
   let result: CyclesResult | HandoverResult | HeldResult;
   let errors: number;
@@ -877,6 +947,7 @@ async function cli(args: string[]): Promise<number> {
         durationMs: seconds * 1000,
         warmupMs: 300,
         checkLocking: !floor,
+        readers: Number(opts.readers ?? 0),
       });
       errors = result.errors.total;
       break;
