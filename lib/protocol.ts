@@ -229,7 +229,7 @@ export interface HolderInfo {
   /** The holder's address as the server sees it, `ip:port` (`[ip6]:port` for IPv6). */
   remote: string;
   /** How it holds the name (servers with shared locks). */
-  mode?: LockMode;
+  mode?: "shared" | "exclusive";
 }
 
 /**

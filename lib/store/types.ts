@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { LockInfo, LockMode } from "../protocol.ts";
+import type { LockInfo } from "../protocol.ts";
 
 /**
  * The refusal of a store that cannot do its part right now: the etcd store while etcd is
@@ -58,7 +58,7 @@ export interface ClaimRequest {
   /** How many may hold the name at once. */
   readonly limit: number;
   /** `shared` holds beside other shared holders; undefined means exclusive. */
-  readonly mode?: LockMode;
+  readonly mode?: "shared" | "exclusive";
   /** Seconds to wait in the queue; 0 means try once. */
   readonly wait: number;
   /** Lease in seconds; undefined means none. */
