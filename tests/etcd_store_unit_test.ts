@@ -316,3 +316,58 @@ Deno.test("etcd store (fake): writes that are ready together go in one transacti
   await w.ask(a, req("later"), later);
   assert.ok(later.token > Math.max(...tokens, same[0].token));
 });
+
+Deno.test("etcd store (fake): shared holders on two servers, a writer on a third; the mode is in the key", async () => {
+  await using w = new World();
+  const [a, b, c] = [await w.server(), await w.server(), await w.server()];
+  const ra = new Recorder(), rb = new Recorder();
+  const ca = await w.ask(a, req("x", { mode: "shared" }), ra);
+  const cb = await w.ask(b, req("x", { mode: "shared" }), rb);
+  assert.equal(ra.last?.startsWith("granted:"), true);
+  assert.equal(rb.last?.startsWith("granted:"), true);
+  assert.deepEqual(
+    w.etcd.keys(`${PREFIX}/x/`).map((kv) => JSON.parse(kv.value).mode),
+    ["shared", "shared"],
+  );
+  const writer = new Recorder();
+  await w.ask(c, req("x", { mode: "exclusive", wait: 30 }), writer);
+  assert.deepEqual(writer.log, ["queued:1"]);
+  assert.equal(JSON.parse(w.etcd.keys(`${PREFIX}/x/`)[2].value).mode, undefined);
+  // A reader after the writer, on a server where a reader holds, waits; without a wait, no.
+  const late = new Recorder();
+  await w.ask(a, req("x", { mode: "shared", wait: 30 }), late);
+  assert.deepEqual(late.log, ["queued:2"]);
+  const now = new Recorder();
+  await w.ask(b, req("x", { mode: "shared" }), now);
+  assert.deepEqual(now.log, ["not-granted"]);
+  const [info] = c.snapshot();
+  assert.deepEqual(info.holders.map((h) => h.mode), ["shared", "shared"]);
+  assert.deepEqual([info.waiting_shared, info.waiting_exclusive], [1, 1]);
+  await a.end(ca, "released");
+  await flush();
+  await flush();
+  assert.deepEqual(writer.log, ["queued:1"], "one reader still holds");
+  await b.end(cb, "released");
+  await flush();
+  await flush();
+  assert.equal(writer.last?.startsWith("granted:"), true);
+  assert.ok(writer.token > rb.token);
+  assert.deepEqual(late.log, ["queued:2", "queued:1"]);
+});
+
+Deno.test("etcd store (fake): a shared request behind more shared holders than it reads is granted through the mirror", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const b = await w.server();
+  const hs: Recorder[] = [];
+  for (let i = 0; i < 40; i++) {
+    const h = new Recorder();
+    hs.push(h);
+    await w.ask(i % 2 ? a : b, req("x", { mode: "shared" }), h);
+  }
+  for (const h of hs) assert.equal(h.last?.startsWith("granted:"), true, h.log.join());
+  assert.equal(new Set(hs.map((h) => h.token)).size, 40);
+  const x = new Recorder();
+  await w.ask(a, req("x", { mode: "exclusive" }), x);
+  assert.deepEqual(x.log, ["not-granted"]);
+});

@@ -2,7 +2,7 @@
 
 import assert from "node:assert/strict";
 import { MemoryStore } from "../lib/store/memory_store.ts";
-import { holdingPrefix } from "../lib/store/rules.ts";
+import { conflicts, holdingPrefix, modeFitsLimit } from "../lib/store/rules.ts";
 import type { ClaimHandler, ClaimRequest, ClaimView, StoreEvent } from "../lib/store/types.ts";
 import { TokenSequence } from "../lib/tokens.ts";
 import { FakeClock, flush } from "./_util/fake_clock.ts";
@@ -180,6 +180,24 @@ Deno.test("rules: the holders are the prefix of the queue that fits; mixed limit
   // A stale limit:3 key at the head and a limit:1 waiter behind it: only the head holds.
   assert.equal(holdingPrefix([{ limit: 3 }, { limit: 1 }, { limit: 3 }]), 1);
   assert.equal(holdingPrefix([{ limit: 1 }, { limit: 3 }]), 1);
+});
+
+Deno.test("rules: modes: a run of shared claims holds together, an exclusive one alone", () => {
+  const S = { limit: 1, mode: "shared" } as const;
+  const X = { limit: 1, mode: "exclusive" } as const;
+  const plain = { limit: 1 };
+  assert.equal(holdingPrefix([S, S, S]), 3);
+  assert.equal(holdingPrefix([S, S, X, S]), 2, "readers after a writer wait for it");
+  assert.equal(holdingPrefix([X, S, S]), 1);
+  assert.equal(holdingPrefix([plain, S]), 1, "no mode is exclusive");
+  assert.equal(holdingPrefix([S, plain]), 1);
+  // A shared claim and a limit:N one conflict, either way round; limit 1 without a mode does not.
+  assert.ok(conflicts(S, { limit: 3 }) && conflicts({ limit: 3 }, S));
+  assert.ok(!conflicts(S, plain) && !conflicts(X, S));
+  // A bogus key value (shared with a limit) never holds beside anything of limit 1.
+  assert.ok(conflicts({ limit: 2, mode: "shared" }, { limit: 2 }));
+  assert.ok(modeFitsLimit("shared", 1) && !modeFitsLimit("shared", 2));
+  assert.ok(modeFitsLimit("exclusive", 5) && modeFitsLimit(undefined, 5));
 });
 
 Deno.test("memory store: outcomes arrive after acquire() returns, and never after the owner ended the claim", async () => {
