@@ -1,0 +1,234 @@
+/**
+ * The lean load generator (bench/cgen/loadgen.c): built with the machine's C compiler on first
+ * use (cached by the source's hash in the temp directory), run as one or more processes, their
+ * results merged. Its CPU time is reported beside the server's, so a reader can see that the
+ * generator is not what limits a figure.
+ *
+ * ```sh
+ * deno run -A bench/cgen.ts --port 7654 --clients 16 --seconds 3 --procs 1
+ * ```
+ *
+ * @module
+ */
+
+import { type CyclesResult, type Latency, readCpuTicks, type Target } from "./load.ts";
+
+const SOURCE = new URL("./cgen/loadgen.c", import.meta.url);
+
+let built: Promise<string | null> | undefined;
+
+/** Why the C generator cannot be used here, once {@linkcode buildCGen} said `null`. */
+export let cgenUnavailable = "";
+
+/**
+ * Compiles the generator (once per process; cached across runs by the source's hash). Returns
+ * the binary's path, or `null` with {@linkcode cgenUnavailable} set when there is no C compiler.
+ */
+export function buildCGen(): Promise<string | null> {
+  built ??= (async () => {
+    const source = await Deno.readFile(SOURCE);
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", source));
+    const hash = Array.from(digest.slice(0, 8), (b) => b.toString(16).padStart(2, "0")).join("");
+    const tmp = Deno.env.get("TMPDIR") ?? "/tmp";
+    const out = `${tmp}/tcpnetlock-loadgen-${hash}`;
+    try {
+      await Deno.stat(out);
+      return out;
+    } catch { /* not built yet */ }
+    for (const cc of ["cc", "gcc", "clang"]) {
+      try {
+        const partial = `${out}.${Deno.pid}`;
+        const r = await new Deno.Command(cc, {
+          args: ["-O2", "-o", partial, SOURCE.pathname],
+          stdout: "null",
+          stderr: "piped",
+        }).output();
+        if (!r.success) {
+          cgenUnavailable = `${cc} failed: ${new TextDecoder().decode(r.stderr).slice(0, 300)}`;
+          continue;
+        }
+        await Deno.rename(partial, out);
+        return out;
+      } catch (e) {
+        cgenUnavailable = e instanceof Deno.errors.NotFound
+          ? "no C compiler (cc, gcc, clang)"
+          : String(e);
+      }
+    }
+    return null;
+  })();
+  return built;
+}
+
+/** Options of {@linkcode runCyclesC}. */
+export interface CGenOptions {
+  /** Concurrent clients in all, spread over the processes. */
+  clients: number;
+  /** Measured time in milliseconds. */
+  durationMs: number;
+  /** Unmeasured time before, in milliseconds. */
+  warmupMs?: number;
+  /** Generator processes (each an epoll loop on one thread). */
+  procs?: number;
+  /** Lock names are `${prefix}-${process}-${client}`. */
+  prefix?: string;
+  /** The server's pid, to report its CPU over the same window. */
+  serverPid?: number;
+}
+
+/** What {@linkcode runCyclesC} measured: a cycles result plus both sides' CPU. */
+export interface CGenResult extends CyclesResult {
+  /** Generator processes. */
+  procs: number;
+  /** The generator's CPU over the measured window, in % of one core (all processes). */
+  generatorCpuPercent: number;
+  /** The server's CPU over (about) the same window, in % of one core; null without a pid. */
+  serverCpuPercent: number | null;
+}
+
+interface Raw {
+  cycles: number;
+  cpuSeconds: number;
+  sumLatency: number;
+  maxLatency: number;
+  histogramUs: [number, number][];
+  errors: { total: number; kinds: Record<string, number>; examples: string[] };
+}
+
+function fromHistogram(hist: Map<number, number>, sum: number, max: number): Latency {
+  const keys = [...hist.keys()].sort((a, b) => a - b);
+  let count = 0;
+  for (const k of keys) count += hist.get(k)!;
+  const at = (q: number): number => {
+    if (count === 0) return 0;
+    const rank = Math.ceil(q * count);
+    let seen = 0;
+    for (const k of keys) {
+      seen += hist.get(k)!;
+      if (seen >= rank) return Math.round(k) / 1000;
+    }
+    return Math.round(keys[keys.length - 1]) / 1000;
+  };
+  return {
+    count,
+    p50: at(0.5),
+    p99: at(0.99),
+    max: Math.round(max * 1e6) / 1000,
+    mean: count ? Math.round((sum / count) * 1e6) / 1000 : 0,
+  };
+}
+
+/**
+ * Lock+release cycles from the C generator: `clients` at once on distinct names, one connection
+ * per lock, spread over `procs` processes. Throws when the generator cannot be built.
+ */
+export async function runCyclesC(target: Target, options: CGenOptions): Promise<CGenResult> {
+  const bin = await buildCGen();
+  if (bin === null) throw new Error(`the C load generator is unavailable: ${cgenUnavailable}`);
+  const procs = Math.max(1, Math.min(options.procs ?? 1, options.clients));
+  const warmupMs = options.warmupMs ?? 0;
+  const prefix = options.prefix ?? `ccyc${options.clients}`;
+  const ticks = options.serverPid ? await clockTicks() : 0;
+  const children = Array.from({ length: procs }, (_, p) => {
+    const share = Math.floor(options.clients / procs) + (p < options.clients % procs ? 1 : 0);
+    return new Deno.Command(bin, {
+      args: [
+        "--host",
+        target.hostname,
+        "--port",
+        String(target.port),
+        "--clients",
+        String(share),
+        "--seconds",
+        String(options.durationMs / 1000),
+        "--warmup",
+        String(warmupMs / 1000),
+        "--prefix",
+        `${prefix}-${p}`,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+  });
+  // The server's CPU over the measured window: read when the warm-up ends and when it is over.
+  let serverFrom: number | null = null;
+  let serverTo: number | null = null;
+  const timer = options.serverPid
+    ? setTimeout(() => serverFrom = readCpuTicks(options.serverPid!), warmupMs)
+    : undefined;
+  const stopTimer = options.serverPid
+    ? setTimeout(() => serverTo = readCpuTicks(options.serverPid!), warmupMs + options.durationMs)
+    : undefined;
+  const outputs = await Promise.all(children.map((c) => c.output()));
+  clearTimeout(timer);
+  clearTimeout(stopTimer);
+  const hist = new Map<number, number>();
+  let cycles = 0, cpu = 0, sum = 0, max = 0;
+  const errors = { total: 0, kinds: {} as Record<string, number>, examples: [] as string[] };
+  for (const out of outputs) {
+    const text = new TextDecoder().decode(out.stdout);
+    if (!out.success) {
+      throw new Error(`loadgen failed: ${new TextDecoder().decode(out.stderr)}`);
+    }
+    const raw = JSON.parse(text) as Raw;
+    cycles += raw.cycles;
+    cpu += raw.cpuSeconds;
+    sum += raw.sumLatency;
+    max = Math.max(max, raw.maxLatency);
+    for (const [us, n] of raw.histogramUs) hist.set(us, (hist.get(us) ?? 0) + n);
+    errors.total += raw.errors.total;
+    for (const [k, n] of Object.entries(raw.errors.kinds)) {
+      errors.kinds[k] = (errors.kinds[k] ?? 0) + n;
+    }
+    errors.examples.push(...raw.errors.examples.slice(0, 10 - errors.examples.length));
+  }
+  const seconds = options.durationMs / 1000;
+  const serverCpuPercent = serverFrom !== null && serverTo !== null && ticks > 0
+    ? Math.round(((serverTo - serverFrom) / ticks / seconds) * 1000) / 10
+    : null;
+  return {
+    clients: options.clients,
+    cycles,
+    seconds,
+    rate: Math.round(cycles / seconds),
+    latency: fromHistogram(hist, sum, max),
+    errors,
+    procs,
+    generatorCpuPercent: Math.round((cpu / seconds) * 1000) / 10,
+    serverCpuPercent,
+  };
+}
+
+async function clockTicks(): Promise<number> {
+  const { clockTicksPerSecond } = await import("./load.ts");
+  return await clockTicksPerSecond();
+}
+
+if (import.meta.main) {
+  const { parseArgs } = await import("node:util");
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      host: { type: "string", default: "127.0.0.1" },
+      port: { type: "string" },
+      clients: { type: "string", default: "16" },
+      seconds: { type: "string", default: "3" },
+      procs: { type: "string", default: "1" },
+      pid: { type: "string" },
+    },
+  });
+  if (!values.port) {
+    console.error(
+      "usage: bench/cgen.ts --port P [--clients N] [--seconds S] [--procs K] [--pid P]",
+    );
+    Deno.exit(2);
+  }
+  const r = await runCyclesC({ hostname: values.host, port: Number(values.port) }, {
+    clients: Number(values.clients),
+    durationMs: Number(values.seconds) * 1000,
+    warmupMs: 500,
+    procs: Number(values.procs),
+    serverPid: values.pid ? Number(values.pid) : undefined,
+  });
+  console.log(JSON.stringify({ ...r }, null, 2));
+}
