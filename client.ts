@@ -154,6 +154,12 @@ export interface LockOptions {
   /** Counting semaphore: up to this many holders of the name at once. Default: 1. */
   limit?: number;
   /**
+   * `"shared"` (many shared holders at once, like `flock -s`) or `"exclusive"` (one holder, the
+   * default). Sent as `mode:M` only when set, which makes the request extended; needs a server
+   * that knows shared locks.
+   */
+  mode?: "shared" | "exclusive";
+  /**
    * Send `.keepalive` every this many seconds while held. Default: a third of `ttl`, or never
    * without a ttl. Useful without a ttl to keep idle-connection killers (NAT, proxies) at bay.
    */
@@ -372,7 +378,7 @@ export class LockClient implements AsyncDisposable {
    * @returns the held lock
    */
   async lock(name: string, options: LockOptions = {}): Promise<HeldLock> {
-    const { wait, ttl, limit, keepAlive, onQueued } = options;
+    const { wait, ttl, limit, mode, keepAlive, onQueued } = options;
     if (!isValidLockName(name)) throw new InvalidLockNameError(name);
     const clientId = options.clientId ?? this.clientId;
     if (clientId !== undefined && !isValidClientId(clientId)) {
@@ -389,13 +395,18 @@ export class LockClient implements AsyncDisposable {
         `Invalid keepAlive "${keepAlive}": it must be shorter than the ttl of ${ttl} s`,
       );
     }
-    const extended = wait !== undefined || ttl !== undefined || limit !== undefined;
+    if (mode !== undefined && mode !== "shared" && mode !== "exclusive") {
+      throw new RangeError(`Invalid mode "${mode}": use "shared" or "exclusive"`);
+    }
+    const extended = wait !== undefined || ttl !== undefined || limit !== undefined ||
+      mode !== undefined;
     const request = formatRequest(Action.LOCK, {
       name,
       "client-id": clientId,
       wait: formatSeconds(wait),
       ttl: formatSeconds(ttl),
       limit,
+      mode,
       auth: this.#authToken,
     });
 
@@ -422,7 +433,7 @@ export class LockClient implements AsyncDisposable {
           });
         });
         signal.throwIfAborted();
-        const reply = expectLine(result, fail, facts);
+        const reply = expectLine(result, fail, facts, this.tls);
         switch (reply.word) {
           case Reply.QUEUED: {
             const position = Number(reply.fields.get("position"));
@@ -690,7 +701,7 @@ export class LockClient implements AsyncDisposable {
         });
       });
       signal.throwIfAborted();
-      const reply = expectLine(result, fail, facts);
+      const reply = expectLine(result, fail, facts, this.tls);
       if (reply.word === expect) return reply;
       if (reply.word === Reply.ERR) throw serverError(reply.rest, fail, facts);
       if (reply.word === Reply.BAD_ACTION) {
@@ -1110,13 +1121,20 @@ function expectLine(
   result: LineResult,
   fail: (what: string) => string,
   facts: { server: string; lockName?: string },
+  tls: boolean,
 ): ReplyLine {
   switch (result.kind) {
     case "line":
       return parseReply(result.line);
     case "eof":
       return throwError(
-        new ConnectionLostError(fail("the server closed the connection before answering"), facts),
+        new ConnectionLostError(
+          fail(
+            "the server closed the connection before answering" +
+              (tls ? "" : `; it may speak TLS: ${TLS_HINT}`),
+          ),
+          facts,
+        ),
       );
     case "too-long":
       return throwError(
@@ -1141,6 +1159,9 @@ function unexpected(
   const line = result.kind === "line" ? result.line : "";
   return new ProtocolError(fail(`unexpected reply "${line}" from the server`), line, facts);
 }
+
+/** What to try when a plain-TCP connection is closed unanswered: the server may speak TLS. */
+const TLS_HINT = "connect with TLS (--tls, TCPNETLOCK_TLS=1, or the tls option)";
 
 const REASON_HINTS: Record<string, string> = {
   [ErrorReason.UNAUTHORIZED]: "give the server's auth token (authToken, TCPNETLOCK_AUTH_TOKEN)",
