@@ -215,7 +215,7 @@ function section(readme: string, title: string): string {
 }
 
 Deno.test("docker: the README shows docker build and docker run", () => {
-  const readme = Deno.readTextFileSync(`${ROOT}README.md`);
+  const readme = Deno.readTextFileSync(`${ROOT}docs/deploy.md`);
   const docker = section(readme, "Docker");
   assert.match(docker, /^docker build -t (\S+) \.$/m);
   const tag = /^docker build -t (\S+) \.$/m.exec(docker)![1];
@@ -223,7 +223,7 @@ Deno.test("docker: the README shows docker build and docker run", () => {
 });
 
 Deno.test("docker: the README's Kubernetes YAML parses and hangs together", async () => {
-  const readme = Deno.readTextFileSync(`${ROOT}README.md`);
+  const readme = Deno.readTextFileSync(`${ROOT}docs/deploy.md`);
   const k8s = section(readme, "Kubernetes");
   const blocks = [...k8s.matchAll(/```yaml\n([\s\S]*?)```/g)].map((m) => m[1]);
   assert.ok(blocks.length > 0, "no yaml block");
