@@ -5,7 +5,7 @@
  */
 
 import assert from "node:assert/strict";
-import { Program, RawClient, ROOT, startTestServer, until } from "./test_util.ts";
+import { makeTlsFixture, Program, RawClient, ROOT, startTestServer, until } from "./test_util.ts";
 
 const DO = `${ROOT}do.ts`;
 
@@ -286,4 +286,17 @@ Deno.test("do -s sends mode:shared on the lock line; without a mode, no mode is 
   assert.match(lines[0] ?? "", /^lock,name:db,.*mode:shared/);
   assert.match(lines[1] ?? "", /^lock,name:db,.*mode:exclusive/);
   assert.doesNotMatch(lines[2] ?? "", /mode:/);
+});
+
+Deno.test("do exit 125 against a TLS server without --tls: the message says it may speak TLS", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const tls = await makeTlsFixture(dir);
+    await using srv = await startTestServer({ tls: { cert: tls.cert, key: tls.key } });
+    const out = await run(["job", "--", "true"], env(srv.port));
+    assert.equal(out.code, 125, out.stderr);
+    assert.match(out.stderr, /may speak TLS: connect with TLS \(--tls, TCPNETLOCK_TLS=1\)/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
