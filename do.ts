@@ -6,13 +6,17 @@
  * every process it started are stopped, and the exit code says so (122).
  *
  * ```sh
- * deno run -A jsr:@x/tcpnetlock/do --lock-name db-migrations --wait 600 -- ./manage.py migrate
- * deno run -A do.ts --host locks.internal --ttl 30 --shell -- 'pg_dump app | gzip > app.sql.gz'
+ * deno run -A do.ts db-migrations -- ./manage.py migrate          # taken: exit 123 at once
+ * deno run -A do.ts -w 600 --ttl 30 db-migrations -- ./manage.py migrate
+ * deno run -A do.ts --wait forever backup -c 'pg_dump app | gzip > app.sql.gz'
+ * deno run -A do.ts --lock-name db-migrations -- ./manage.py migrate   # tcpnetlock_do's form
  * ```
  *
- * Options end at `--` or at the first argument that is not an option; everything after that
- * reaches the command untouched. Without `--lock-name` the lock's name comes from the command, as
- * tcpnetlock 0.1.8's `tcpnetlock_do` makes it. The command runs directly (through `sh -c` only with
+ * A single argument before `--` is the lock name (flock, etcdctl lock, consul lock style). Options
+ * end at `--` or at the first argument that is not an option; everything after `--` reaches the
+ * command untouched. Without a name the lock's name comes from the command, as tcpnetlock 0.1.8's
+ * `tcpnetlock_do` makes it. By default a taken lock fails at once (as with tcpnetlock_do);
+ * `-w SECONDS` or `--wait forever` waits in the server's FIFO queue. The command runs directly (through `sh -c` only with
  * `--shell`), in a process group of its own, with stdin, stdout and stderr inherited and
  * `TCPNETLOCK_LOCK_NAME` and `TCPNETLOCK_FENCING_TOKEN` added to its environment. SIGINT,
  * SIGTERM, SIGHUP and SIGQUIT sent to this program are forwarded to the command's process group.
@@ -21,7 +25,7 @@
  * @example Run a command under a lock from code
  * ```ts
  * import { main } from "@x/tcpnetlock/do";
- * const code = await main(["--lock-name", "nightly-report", "--wait", "60", "--", "echo", "hi"]);
+ * const code = await main(["--wait", "60", "nightly-report", "--", "echo", "hi"]);
  * console.log(`exit code ${code}`); // 0, or 123 when the lock was not granted in time
  * ```
  *
@@ -42,6 +46,7 @@ import {
   ServerError,
   ServerUnreachableError,
 } from "./client.ts";
+import type { LockInfo } from "./lib/protocol.ts";
 import {
   choiceFlag,
   type FlagSpec,
@@ -62,11 +67,14 @@ export const DoExitCode = {
   USAGE: 2,
   /** The lock was lost while the command ran; the command was stopped (`--on-lock-loss kill`). */
   LOCK_LOST: 122,
-  /** The lock was not granted, or the `--wait` ran out (after every `--retry`). */
+  /** The lock was not granted, or the `--wait` ran out (after every `--retry`); `-E` changes it. */
   NOT_GRANTED: 123,
   /** The command could not be run (spawning it failed for a reason other than the two below). */
   FAILED: 124,
-  /** The server could not be reached, or refused the request (`err,...`). */
+  /**
+   * The server could not be reached, or refused the request: every `err,...` reply (including
+   * `too many connections`, `unauthorized`, `limit mismatch`).
+   */
   SERVER_UNREACHABLE: 125,
   /** The command was found but is not executable. */
   NOT_EXECUTABLE: 126,
@@ -716,15 +724,26 @@ function describeError(error: unknown): string {
   return text;
 }
 
-/** Who holds the lock, from `.locks`, or `undefined` if that cannot be told (quickly). */
-async function holderText(client: LockClient, name: string): Promise<string | undefined> {
-  const signal = AbortSignal.timeout(2000);
+/** The `.locks` list, or `undefined` if it cannot be had (quickly). */
+async function fetchLocks(client: LockClient): Promise<LockInfo[] | undefined> {
   try {
-    return describeHolders(name, await client.locks({ signal }));
+    return await client.locks({ signal: AbortSignal.timeout(2000) });
   } catch {
     return undefined; // an old server, no permission: say nothing more
   }
 }
+
+/** Who holds the lock, from `.locks`, or `undefined` if that cannot be told. */
+async function holderText(client: LockClient, name: string): Promise<string | undefined> {
+  const locks = await fetchLocks(client);
+  return locks === undefined ? undefined : describeHolders(name, locks);
+}
+
+/**
+ * While waiting, `.locks` is asked at most this often (a long queue of waiters must not flood
+ * the server with `.locks`); the durations shown are computed afresh at every status line.
+ */
+const HOLDERS_REFRESH_MS = 10_000;
 
 /** Waits `seconds`, or less if `signal` aborts. */
 function pause(seconds: number, signal: AbortSignal): Promise<void> {
@@ -802,7 +821,8 @@ async function run(
   let lock: HeldLock | undefined;
   let v1 = false;
   let lastPosition = 0;
-  let holders: string | undefined;
+  let known: LockInfo[] | undefined;
+  let askedAt = -Infinity;
   for (let attempt = 0; lock === undefined;) {
     const since = performance.now();
     const options: LockOptions = {
@@ -810,18 +830,22 @@ async function run(
       signal: signals.interrupt.signal,
       onQueued: (position) => {
         lastPosition = position;
-        const show = () =>
+        const show = () => {
+          const holders = known === undefined ? undefined : describeHolders(name, known);
           out.status(
             `waiting for lock "${name}" on "${client.server}": position ${position} in the queue` +
               (holders === undefined ? "" : `; ${holders}`),
           );
+        };
         show();
         log.debug(`Lock "${name}": position ${position} in the queue`);
-        // Who holds it, once per place in the queue (the status line shows it once known).
-        void holderText(client, name).then((text) => {
-          if (text === undefined || lastPosition !== position || lock !== undefined) return;
-          holders = text;
-          show();
+        // Who holds it (the status line shows it once known), asked again now and then.
+        if (performance.now() - askedAt < HOLDERS_REFRESH_MS) return;
+        askedAt = performance.now();
+        void fetchLocks(client).then((locks) => {
+          if (locks === undefined) return;
+          known = locks;
+          if (lastPosition === position && lock === undefined) show();
         });
       },
     };

@@ -322,6 +322,7 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
     }
   }
 
+  let askedAt = -Infinity;
   try {
     let lock: HeldLock;
     try {
@@ -330,7 +331,12 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
         signal: interrupt.signal,
         onQueued: (position) => {
           const where = `Waiting for lock "${name}" on "${client.server}": position ${position}`;
-          // Who holds it: one line per place in the queue, once .locks answered.
+          // Who holds it: asked at most every 10 s (a long queue must not flood the server).
+          if (performance.now() - askedAt < 10_000) {
+            console.error(`${where} in the queue`);
+            return;
+          }
+          askedAt = performance.now();
           void client.locks({ signal: AbortSignal.timeout(2000) }).then(
             (locks) => describeHolders(name, locks),
             () => undefined,
