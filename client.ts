@@ -442,7 +442,7 @@ export class LockClient implements AsyncDisposable {
           });
         });
         signal.throwIfAborted();
-        const reply = expectLine(result, fail, facts);
+        const reply = expectLine(result, fail, facts, this.tls);
         switch (reply.word) {
           case Reply.QUEUED: {
             const position = Number(reply.fields.get("position"));
@@ -710,7 +710,7 @@ export class LockClient implements AsyncDisposable {
         });
       });
       signal.throwIfAborted();
-      const reply = expectLine(result, fail, facts);
+      const reply = expectLine(result, fail, facts, this.tls);
       if (reply.word === expect) return reply;
       if (reply.word === Reply.ERR) throw serverError(reply.rest, fail, facts);
       if (reply.word === Reply.BAD_ACTION) {
@@ -1130,13 +1130,20 @@ function expectLine(
   result: LineResult,
   fail: (what: string) => string,
   facts: { server: string; lockName?: string },
+  tls: boolean,
 ): ReplyLine {
   switch (result.kind) {
     case "line":
       return parseReply(result.line);
     case "eof":
       return throwError(
-        new ConnectionLostError(fail("the server closed the connection before answering"), facts),
+        new ConnectionLostError(
+          fail(
+            "the server closed the connection before answering" +
+              (tls ? "" : `; it may speak TLS: ${TLS_HINT}`),
+          ),
+          facts,
+        ),
       );
     case "too-long":
       return throwError(
@@ -1161,6 +1168,9 @@ function unexpected(
   const line = result.kind === "line" ? result.line : "";
   return new ProtocolError(fail(`unexpected reply "${line}" from the server`), line, facts);
 }
+
+/** What to try when a plain-TCP connection is closed unanswered: the server may speak TLS. */
+const TLS_HINT = "connect with TLS (--tls, TCPNETLOCK_TLS=1, or the tls option)";
 
 const REASON_HINTS: Record<string, string> = {
   [ErrorReason.UNAUTHORIZED]: "give the server's auth token (authToken, TCPNETLOCK_AUTH_TOKEN)",

@@ -6,13 +6,17 @@
  * every process it started are stopped, and the exit code says so (122).
  *
  * ```sh
- * deno run -A jsr:@x/tcpnetlock/do --lock-name db-migrations --wait 600 -- ./manage.py migrate
- * deno run -A do.ts --host locks.internal --ttl 30 --shell -- 'pg_dump app | gzip > app.sql.gz'
+ * deno run -A do.ts db-migrations -- ./manage.py migrate          # taken: exit 123 at once
+ * deno run -A do.ts -w 600 --ttl 30 db-migrations -- ./manage.py migrate
+ * deno run -A do.ts --wait forever backup -c 'pg_dump app | gzip > app.sql.gz'
+ * deno run -A do.ts --lock-name db-migrations -- ./manage.py migrate   # tcpnetlock_do's form
  * ```
  *
- * Options end at `--` or at the first argument that is not an option; everything after that
- * reaches the command untouched. Without `--lock-name` the lock's name comes from the command, as
- * tcpnetlock 0.1.8's `tcpnetlock_do` makes it. The command runs directly (through `sh -c` only with
+ * A single argument before `--` is the lock name (flock, etcdctl lock, consul lock style). Options
+ * end at `--` or at the first argument that is not an option; everything after `--` reaches the
+ * command untouched. Without a name the lock's name comes from the command, as tcpnetlock 0.1.8's
+ * `tcpnetlock_do` makes it. By default a taken lock fails at once (as with tcpnetlock_do);
+ * `-w SECONDS` or `--wait forever` waits in the server's FIFO queue. The command runs directly (through `sh -c` only with
  * `--shell`), in a process group of its own, with stdin, stdout and stderr inherited and
  * `TCPNETLOCK_LOCK_NAME` and `TCPNETLOCK_FENCING_TOKEN` added to its environment. SIGINT,
  * SIGTERM, SIGHUP and SIGQUIT sent to this program are forwarded to the command's process group.
@@ -21,7 +25,7 @@
  * @example Run a command under a lock from code
  * ```ts
  * import { main } from "@x/tcpnetlock/do";
- * const code = await main(["--lock-name", "nightly-report", "--wait", "60", "--", "echo", "hi"]);
+ * const code = await main(["--wait", "60", "nightly-report", "--", "echo", "hi"]);
  * console.log(`exit code ${code}`); // 0, or 123 when the lock was not granted in time
  * ```
  *
@@ -42,9 +46,11 @@ import {
   ServerError,
   ServerUnreachableError,
 } from "./client.ts";
+import type { LockInfo } from "./lib/protocol.ts";
 import {
   choiceFlag,
   type FlagSpec,
+  type FlagValues,
   formatFlags,
   intFlag,
   parseFlags,
@@ -53,6 +59,7 @@ import {
   UsageError,
 } from "./lib/cli.ts";
 import { type ProcessGroup, SIGNAL_NUMBERS, spawnGroup } from "./lib/do_child.ts";
+import { describeHolders } from "./lib/holders.ts";
 
 /** The exit codes of `do.ts`, besides the command's own. */
 export const DoExitCode = {
@@ -60,11 +67,14 @@ export const DoExitCode = {
   USAGE: 2,
   /** The lock was lost while the command ran; the command was stopped (`--on-lock-loss kill`). */
   LOCK_LOST: 122,
-  /** The lock was not granted, or the `--wait` ran out (after every `--retry`). */
+  /** The lock was not granted, or the `--wait` ran out (after every `--retry`); `-E` changes it. */
   NOT_GRANTED: 123,
   /** The command could not be run (spawning it failed for a reason other than the two below). */
   FAILED: 124,
-  /** The server could not be reached, or refused the request (`err,...`). */
+  /**
+   * The server could not be reached, or refused the request: every `err,...` reply (including
+   * `too many connections`, `unauthorized`, `limit mismatch`).
+   */
   SERVER_UNREACHABLE: 125,
   /** The command was found but is not executable. */
   NOT_EXECUTABLE: 126,
@@ -72,7 +82,10 @@ export const DoExitCode = {
   NOT_FOUND: 127,
 } as const;
 
-const PROG = "tcpnetlock do";
+/** How messages name this program: `tcpnetlock do`, or the installed command's name. */
+let PROG = "tcpnetlock do";
+/** How the usage names the command to run: `deno run -A do.ts`, or the installed command. */
+let INVOCATION = "deno run -A do.ts";
 
 /** The options of `do.ts`; most also come from the `TCPNETLOCK_*` variable named. */
 const DO_FLAGS: FlagSpec[] = [
@@ -80,7 +93,7 @@ const DO_FLAGS: FlagSpec[] = [
     name: "lock-name",
     type: "string",
     arg: "NAME",
-    help: "the lock (default: made from the command, as tcpnetlock_do makes it)",
+    help: "the lock, as NAME before -- does (default: made from the command, as tcpnetlock_do)",
   },
   {
     name: "host",
@@ -108,10 +121,38 @@ const DO_FLAGS: FlagSpec[] = [
   {
     name: "wait",
     type: "string",
-    arg: "SECONDS",
+    short: "w",
+    arg: "SECONDS|forever",
     env: "TCPNETLOCK_WAIT",
     default: "0",
-    help: "if the lock is taken, wait for it in the FIFO queue",
+    help: "if the lock is taken, wait for it in the FIFO queue (forever, inf: no limit)",
+  },
+  {
+    name: "no-wait",
+    type: "boolean",
+    short: "n",
+    help: "do not wait: fail at once if the lock is taken (the default; overrides TCPNETLOCK_WAIT)",
+  },
+  {
+    name: "conflict-exit-code",
+    type: "string",
+    short: "E",
+    arg: "CODE",
+    env: "TCPNETLOCK_CONFLICT_EXIT_CODE",
+    default: "123",
+    help: "exit with CODE (0 to 255) when the lock is not granted or the wait runs out",
+  },
+  {
+    name: "shared",
+    type: "boolean",
+    short: "s",
+    help: "take a shared lock: many shared holders at once, no exclusive one (like flock -s)",
+  },
+  {
+    name: "exclusive",
+    type: "boolean",
+    short: "x",
+    help: "take an exclusive lock, the default (like flock -x)",
   },
   {
     name: "retry",
@@ -178,6 +219,13 @@ const DO_FLAGS: FlagSpec[] = [
     type: "boolean",
     help: "run the command, one argument, with sh -c",
   },
+  {
+    name: "command",
+    type: "string",
+    short: "c",
+    arg: "CMDLINE",
+    help: 'run CMDLINE with sh -c, as flock -c does: do.ts NAME -c "a | b"',
+  },
   { name: "tls", type: "boolean", env: "TCPNETLOCK_TLS", help: "speak TLS to the server" },
   {
     name: "ca-cert",
@@ -201,26 +249,40 @@ const DO_FLAGS: FlagSpec[] = [
   },
   { name: "info", type: "boolean", env: "TCPNETLOCK_INFO", help: "log what happens" },
   { name: "debug", type: "boolean", env: "TCPNETLOCK_DEBUG", help: "log even more" },
+  {
+    name: "prog-name",
+    type: "string",
+    arg: "NAME",
+    help: "the name messages and --help give this program (set by deno install -n)",
+  },
   { name: "help", type: "boolean", short: "h", help: "show this help and exit" },
 ];
 
-const SYNOPSIS = "Usage: deno run -A do.ts [options] [--] command [args...]";
+function synopsis(): string {
+  return `Usage: ${INVOCATION} [options] NAME -- command [args...]
+       ${INVOCATION} [options] NAME -c "shell command line"
+       ${INVOCATION} [options] [--lock-name NAME] [--] command [args...]`;
+}
 
 function usage(): string {
-  return `${SYNOPSIS}
+  return `${synopsis()}
 
-Takes a tcpnetlock lock, runs the command while holding it, releases the lock when the command
-ends, and exits with the command's exit code. Options end at "--" or at the first argument that
-is not an option; everything after that reaches the command untouched. The command gets
+Takes the tcpnetlock lock NAME, runs the command while holding it, releases the lock when the
+command ends, and exits with the command's exit code. Options end at "--" or at the first
+argument that is not an option; everything after "--" reaches the command untouched. A single
+argument before "--" is the lock name; without one (and without --lock-name) the name is made
+from the command, as tcpnetlock_do makes it. By default a taken lock fails at once (exit 123);
+-w SECONDS or --wait forever waits for it in the server's FIFO queue. The command gets
 TCPNETLOCK_LOCK_NAME and TCPNETLOCK_FENCING_TOKEN in its environment.
 
 Options:
 ${formatFlags(DO_FLAGS)}
 
 Exit codes: the command's own; 128+N when signal N ended it (or reached do.ts while waiting for
-the lock); 2 bad usage; 122 the lock was lost while the command ran (the command was stopped);
-123 not granted, or the wait ran out; 124 the command could not be run; 125 the server could not
-be reached or refused the request; 126 the command is not executable; 127 command not found.`;
+the lock); 2 bad usage (before anything was run; the message starts with "${PROG}:"); 122 the lock
+was lost while the command ran (the command was stopped); 123 (or -E CODE) not granted, or the
+wait ran out; 124 the command could not be run; 125 the server could not be reached or refused
+the request (every "err,..." reply); 126 the command is not executable; 127 command not found.`;
 }
 
 /**
@@ -253,61 +315,167 @@ interface Config {
   args: string[];
   client: LockClientOptions;
   lock: LockOptions;
-  /** `--wait`, `--ttl` or `--limit` was given: a version 1 server cannot serve this. */
+  /** `--wait`, `--ttl`, `--limit` or a mode was given: a version 1 server cannot serve this. */
   needsV2: boolean;
   retry: number;
   retryWait: number;
+  /** The exit code when the lock is not granted (`-E`), 123 by default. */
+  conflictCode: number;
   onLockLoss: "kill" | "ignore";
   killAfter: number;
   quiet: boolean;
   level: "debug" | "info" | "warning";
 }
 
-/** Splits the arguments into do.ts's options and the command (at `--` or the first non-option). */
-function splitArgs(args: string[]): { options: string[]; command: string[] } {
-  for (let i = 0; i < args.length; i++) {
+/** Waiting with no limit: `--wait forever` asks the server for this many seconds (31 years). */
+const FOREVER_SECONDS = 1e9;
+
+/** The argument at `i` is an option: how many arguments it takes (1, or 2 with its value). */
+function optionLength(args: readonly string[], i: number): number {
+  const arg = args[i];
+  if (arg.startsWith("--")) {
+    if (arg.includes("=")) return 1;
+    const spec = DO_FLAGS.find((s) => s.name === arg.slice(2));
+    return spec?.type === "string" ? 2 : 1;
+  }
+  // A group of short flags: the first that takes a value takes the rest, or the next argument.
+  for (let k = 1; k < arg.length; k++) {
+    const spec = DO_FLAGS.find((s) => s.short === arg[k]);
+    if (spec?.type === "string") return k === arg.length - 1 ? 2 : 1;
+  }
+  return 1;
+}
+
+function isOption(arg: string | undefined): boolean {
+  return arg !== undefined && arg.startsWith("-") && arg !== "-" && arg !== "--";
+}
+
+/** Skips options from `i`; returns the index of the first argument that is not one. */
+function skipOptions(args: readonly string[], i: number): number {
+  while (i < args.length && isOption(args[i])) i += optionLength(args, i);
+  return Math.min(i, args.length);
+}
+
+/** True when the options in `args` include `-c`/`--command`. */
+function hasCommandFlag(args: readonly string[]): boolean {
+  for (let i = 0; i < args.length; i += optionLength(args, i)) {
     const arg = args[i];
-    if (arg === "--") return { options: args.slice(0, i), command: args.slice(i + 1) };
-    if (!arg.startsWith("-") || arg === "-") {
-      return { options: args.slice(0, i), command: args.slice(i) };
-    }
-    if (arg.startsWith("--") && !arg.includes("=")) {
-      const spec = DO_FLAGS.find((s) => s.name === arg.slice(2));
-      if (spec?.type === "string") i++; // its value, whatever it looks like
+    if (arg === "--command" || arg.startsWith("--command=")) return true;
+    if (!arg.startsWith("--")) {
+      for (let k = 1; k < arg.length; k++) {
+        if (arg[k] === "c") return true;
+        if (DO_FLAGS.find((s) => s.short === arg[k])?.type === "string") break;
+      }
     }
   }
-  return { options: args, command: [] };
+  return false;
+}
+
+/**
+ * Splits the arguments into do.ts's options, the lock name given as an argument, and the
+ * command. `NAME -- CMD...` and `NAME -c CMDLINE` give a name (options may come before and after
+ * NAME); otherwise options end at `--` or at the first argument that is not an option, and the
+ * rest is the command, as with tcpnetlock_do.
+ */
+function splitArgs(args: string[]): { options: string[]; name?: string; command: string[] } {
+  const i = skipOptions(args, 0);
+  if (i >= args.length) return { options: args, command: [] };
+  if (args[i] === "--") return { options: args.slice(0, i), command: args.slice(i + 1) };
+  const j = skipOptions(args, i + 1);
+  const options = [...args.slice(0, i), ...args.slice(i + 1, j)];
+  if (args[j] === "--") return { options, name: args[i], command: args.slice(j + 1) };
+  if (j >= args.length && hasCommandFlag(options)) return { options, name: args[i], command: [] };
+  return { options: args.slice(0, i), command: args.slice(i) };
+}
+
+/** `--wait`: seconds, or `forever`/`inf`/`infinity`; `-n` wins over TCPNETLOCK_WAIT. */
+function waitSeconds(values: FlagValues): number | undefined {
+  if (values["no-wait"]) return 0;
+  const text = values.wait;
+  if (typeof text === "string" && /^\s*(forever|inf|infinity)\s*$/i.test(text)) {
+    return FOREVER_SECONDS;
+  }
+  try {
+    return secondsFlag(values, "wait", true);
+  } catch (e) {
+    if (e instanceof UsageError) throw new UsageError(e.message.replace(/\)$/, ', or "forever")'));
+    throw e;
+  }
+}
+
+/** `--prog-name NAME` (given by an installed command's shim), looked for before parsing. */
+function setProgName(options: readonly string[]): void {
+  for (let i = 0; i < options.length; i += optionLength(options, i)) {
+    const arg = options[i];
+    const value = arg === "--prog-name"
+      ? options[i + 1]
+      : arg.startsWith("--prog-name=")
+      ? arg.slice("--prog-name=".length)
+      : undefined;
+    if (value !== undefined && /^[\w.@/-]+$/.test(value.trim())) {
+      PROG = value.trim();
+      INVOCATION = value.trim();
+    }
+  }
 }
 
 function parseConfig(argv: string[]): Config | "help" {
-  const { options, command } = splitArgs(argv);
+  const { options, name: positionalName, command } = splitArgs(argv);
+  setProgName(options);
   const { values } = parseFlags(options, DO_FLAGS);
   if (values.help) return "help";
-  if (command.length === 0) throw new UsageError("Missing the command to run");
+  const commandLine = values.command as string | undefined;
+  if (commandLine !== undefined) {
+    if (command.length > 0) {
+      throw new UsageError(
+        `Give the command either with -c or after the options, not both ("${command[0]}")`,
+      );
+    }
+    if (values.shell) throw new UsageError("-c and --shell do the same: give one of them");
+  } else if (command.length === 0) {
+    throw new UsageError(
+      positionalName === undefined
+        ? "Missing the command to run"
+        : `Missing the command to run under lock "${positionalName}" (after "--")`,
+    );
+  }
   if (values.shell && command.length !== 1) {
     throw new UsageError(
       `With --shell, give the command as one argument (quote it), not ${command.length}`,
     );
   }
+  if (values.shared && values.exclusive) {
+    throw new UsageError("Give --shared (-s) or --exclusive (-x), not both");
+  }
+  if (values["no-wait"] && options.some((o) => o === "--wait" || /^-[^-]*w/.test(o))) {
+    throw new UsageError("Give --no-wait (-n) or --wait (-w), not both");
+  }
 
   let name = values["lock-name"] as string | undefined;
+  if (name !== undefined && positionalName !== undefined) {
+    throw new UsageError(
+      `Give the lock name once: "${positionalName}" before "--" or --lock-name "${name}"`,
+    );
+  }
+  name ??= positionalName;
   const derived = name === undefined;
+  const words = commandLine !== undefined ? [commandLine] : command;
   if (name === undefined) {
-    name = lockNameFromCommand(command);
+    name = lockNameFromCommand(words);
     if (name === "") {
       throw new UsageError(
-        "Cannot make a lock name from the command: give one with --lock-name",
+        "Cannot make a lock name from the command: give one, as in: NAME -- command",
       );
     }
     if (!isValidLockName(name)) {
       throw new UsageError(
         `The lock name made from the command is too long (${name.length} characters, at most ` +
-          "255): give one with --lock-name",
+          "255): give one, as in: NAME -- command",
       );
     }
   } else if (!isValidLockName(name)) {
     throw new UsageError(
-      `Invalid value for --lock-name: "${name}" (use 1 to 255 letters, digits, "_" and "-")`,
+      `Invalid lock name "${name}" (use 1 to 255 letters, digits, "_" and "-")`,
     );
   }
 
@@ -327,9 +495,15 @@ function parseConfig(argv: string[]): Config | "help" {
     client.authToken = token;
   }
 
-  const wait = secondsFlag(values, "wait", true);
+  const wait = waitSeconds(values);
   const ttl = secondsFlag(values, "ttl");
   const limit = intFlag(values, "limit", 1);
+  const conflictCode = intFlag(values, "conflict-exit-code", 0, 255) ?? DoExitCode.NOT_GRANTED;
+  const mode = values.shared
+    ? "shared" as const
+    : values.exclusive
+    ? "exclusive" as const
+    : undefined;
   const secsGiven = values["keep-alive-secs"] !== undefined;
   let keepAlive = values["keep-alive"] || secsGiven
     ? secondsFlag(values, "keep-alive-secs") ?? 15
@@ -346,18 +520,22 @@ function parseConfig(argv: string[]): Config | "help" {
   const lock: LockOptions = { wait: wait ?? 0 };
   if (ttl !== undefined) lock.ttl = ttl;
   if (limit !== undefined) lock.limit = limit;
+  if (mode !== undefined) lock.mode = mode;
   if (keepAlive !== undefined) lock.keepAlive = keepAlive;
 
+  const viaShell = values.shell || commandLine !== undefined;
   return {
     name,
     derived,
-    program: values.shell ? "sh" : command[0],
-    args: values.shell ? ["-c", command[0]] : command.slice(1),
+    program: viaShell ? "sh" : command[0],
+    args: viaShell ? ["-c", words[0]] : command.slice(1),
     client,
     lock,
-    needsV2: wait !== undefined || ttl !== undefined || limit !== undefined,
+    needsV2: (wait !== undefined && wait > 0) || values.wait !== undefined ||
+      ttl !== undefined || limit !== undefined || mode !== undefined,
     retry: intFlag(values, "retry", 0) ?? 0,
     retryWait: secondsFlag(values, "retry-wait", true) ?? 10,
+    conflictCode,
     onLockLoss: choiceFlag(values, "on-lock-loss", ["kill", "ignore"] as const) ?? "kill",
     killAfter: secondsFlag(values, "kill-after", true) ?? 10,
     quiet: values.quiet === true,
@@ -514,11 +692,58 @@ function message(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-/** Not granted, the wait ran out, or the server is at one of its limits: worth trying again. */
+/** Not granted, or the wait ran out: exit 123 (or `-E`). */
 function isNotGranted(error: unknown): boolean {
-  return error instanceof LockNotGrantedError || error instanceof LockTimeoutError ||
+  return error instanceof LockNotGrantedError || error instanceof LockTimeoutError;
+}
+
+/** Worth trying again with `--retry`: not granted, or the server is at one of its limits. */
+function isRetriable(error: unknown): boolean {
+  return isNotGranted(error) ||
     (error instanceof ServerError && error.reason.startsWith("too many "));
 }
+
+/**
+ * The client's message, in do.ts's words: the library names its `authToken` option, do.ts its
+ * own flag and variable.
+ */
+function describeError(error: unknown): string {
+  const text = message(error);
+  if (error instanceof ServerError && error.reason === "unauthorized") {
+    return text.replace(
+      /\(authToken, TCPNETLOCK_AUTH_TOKEN\)/,
+      "(--auth-token-file FILE, or TCPNETLOCK_AUTH_TOKEN)",
+    );
+  }
+  if (error instanceof ConnectionLostError) {
+    return text.replace(
+      "(--tls, TCPNETLOCK_TLS=1, or the tls option)",
+      "(--tls, TCPNETLOCK_TLS=1)",
+    );
+  }
+  return text;
+}
+
+/** The `.locks` list, or `undefined` if it cannot be had (quickly). */
+async function fetchLocks(client: LockClient): Promise<LockInfo[] | undefined> {
+  try {
+    return await client.locks({ signal: AbortSignal.timeout(2000) });
+  } catch {
+    return undefined; // an old server, no permission: say nothing more
+  }
+}
+
+/** Who holds the lock, from `.locks`, or `undefined` if that cannot be told. */
+async function holderText(client: LockClient, name: string): Promise<string | undefined> {
+  const locks = await fetchLocks(client);
+  return locks === undefined ? undefined : describeHolders(name, locks);
+}
+
+/**
+ * While waiting, `.locks` is asked at most this often (a long queue of waiters must not flood
+ * the server with `.locks`); the durations shown are computed afresh at every status line.
+ */
+const HOLDERS_REFRESH_MS = 10_000;
 
 /** Waits `seconds`, or less if `signal` aborts. */
 function pause(seconds: number, signal: AbortSignal): Promise<void> {
@@ -560,7 +785,7 @@ export async function main(args: string[]): Promise<number> {
   } catch (e) {
     if (e instanceof UsageError || e instanceof RangeError || e instanceof InvalidClientIdError) {
       writeStderr(
-        `${PROG}: ${message(e)}\n${SYNOPSIS}\nRun "deno run -A do.ts --help" for the options.\n`,
+        `${PROG}: ${message(e)}\n${synopsis()}\nRun "${INVOCATION} --help" for the options.\n`,
       );
       return DoExitCode.USAGE;
     }
@@ -595,16 +820,33 @@ async function run(
   // Take the lock.
   let lock: HeldLock | undefined;
   let v1 = false;
+  let lastPosition = 0;
+  let known: LockInfo[] | undefined;
+  let askedAt = -Infinity;
   for (let attempt = 0; lock === undefined;) {
     const since = performance.now();
     const options: LockOptions = {
       ...(v1 ? { ...config.lock, wait: undefined } : config.lock),
       signal: signals.interrupt.signal,
       onQueued: (position) => {
-        out.status(
-          `waiting for lock "${name}" on "${client.server}": position ${position} in the queue`,
-        );
+        lastPosition = position;
+        const show = () => {
+          const holders = known === undefined ? undefined : describeHolders(name, known);
+          out.status(
+            `waiting for lock "${name}" on "${client.server}": position ${position} in the queue` +
+              (holders === undefined ? "" : `; ${holders}`),
+          );
+        };
+        show();
         log.debug(`Lock "${name}": position ${position} in the queue`);
+        // Who holds it (the status line shows it once known), asked again now and then.
+        if (performance.now() - askedAt < HOLDERS_REFRESH_MS) return;
+        askedAt = performance.now();
+        void fetchLocks(client).then((locks) => {
+          if (locks === undefined) return;
+          known = locks;
+          if (lastPosition === position && lock === undefined) show();
+        });
       },
     };
     try {
@@ -628,21 +870,24 @@ async function run(
         v1 = true;
         continue;
       }
-      if (isNotGranted(e)) {
-        if (attempt < config.retry) {
-          attempt++;
-          out.note(
-            `${message(e)}; trying again in ${config.retryWait} s ` +
-              `(try ${attempt + 1} of ${config.retry + 1})`,
-          );
-          await pause(config.retryWait, signals.interrupt.signal);
-          if (signals.received !== undefined) return signalExit(signals.received);
-          continue;
-        }
-        out.note(message(e));
-        return DoExitCode.NOT_GRANTED;
+      const why = isNotGranted(e) && !config.quiet
+        ? await holderText(client, name).then((t) => t === undefined ? "" : `: ${t}`)
+        : "";
+      if (isRetriable(e) && attempt < config.retry) {
+        attempt++;
+        out.note(
+          `${describeError(e)}${why}; trying again in ${config.retryWait} s ` +
+            `(try ${attempt + 1} of ${config.retry + 1})`,
+        );
+        await pause(config.retryWait, signals.interrupt.signal);
+        if (signals.received !== undefined) return signalExit(signals.received);
+        continue;
       }
-      out.error(message(e));
+      if (isNotGranted(e)) {
+        out.note(`${describeError(e)}${why}`);
+        return config.conflictCode;
+      }
+      out.error(describeError(e));
       if (
         e instanceof ServerUnreachableError || e instanceof ConnectionLostError ||
         e instanceof ServerError || e instanceof ProtocolError
@@ -675,7 +920,13 @@ async function run(
   } catch (e) {
     await lock.release().catch(() => {});
     if (e instanceof Deno.errors.NotFound) {
-      out.error(`command not found: "${config.program}"`);
+      out.error(
+        `command not found: "${config.program}"` +
+          (config.derived && config.args.length > 0
+            ? ` (to take the lock "${config.program}", write: ${INVOCATION} ${config.program} -- ` +
+              `${config.args.join(" ")})`
+            : ""),
+      );
       return DoExitCode.NOT_FOUND;
     }
     if (e instanceof Deno.errors.PermissionDenied) {

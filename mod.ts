@@ -3,6 +3,10 @@
  * opening a TCP connection and holds it for as long as the connection lives. Waiting in a fair
  * queue, fencing tokens, leases and semaphores come on top of the original tcpnetlock protocol.
  *
+ * This entry point is the client only: it pulls in no server, no logging and no etcd code. The
+ * server library is at `@x/tcpnetlock/server` (`startServer`), the command runner at
+ * `@x/tcpnetlock/do`.
+ *
  * @example Take a lock, do the work, let it go
  * ```ts
  * import { LockClient } from "@x/tcpnetlock";
@@ -11,9 +15,9 @@
  * console.log(`holding with fencing token ${lock.token}`);
  * ```
  *
- * @example Run a server in-process
+ * @example Run a server in-process (from the `./server` entry point)
  * ```ts
- * import { startServer } from "@x/tcpnetlock";
+ * import { startServer } from "@x/tcpnetlock/server";
  * await using server = await startServer({ port: 0 });
  * console.log(server.port);
  * ```
@@ -42,26 +46,6 @@ export {
   ServerUnreachableError,
   TcpNetLockError,
 } from "./lib/errors.ts";
-export {
-  type EtcdServerOptions,
-  ListenError,
-  type LockServer,
-  type ServerOptions,
-  startServer,
-} from "./lib/server.ts";
-export type {
-  ClaimHandler,
-  ClaimRequest,
-  ClaimState,
-  ClaimView,
-  EndReason,
-  LockStore,
-  Refusal,
-  StoreCounters,
-  StoreEvent,
-} from "./lib/store/types.ts";
-export type { TokenSource } from "./lib/tokens.ts";
-export type { EtcdClientOptions } from "./lib/etcd/client.ts";
 export {
   DEFAULT_HOST,
   DEFAULT_PORT,

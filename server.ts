@@ -178,21 +178,30 @@ const SERVER_FLAGS: FlagSpec[] = [
     help: "obey .server-shutdown from any peer, not only loopback",
   },
   ...STORE_FLAGS,
+  {
+    name: "prog-name",
+    type: "string",
+    arg: "NAME",
+    help: "the name --help gives this program (set by deno install -n)",
+  },
   { name: "help", type: "boolean", short: "h", help: "show this help and exit" },
   { name: "version", type: "boolean", help: "show the version and exit" },
 ];
+
+/** How `--help` names this program: `deno run -A server.ts`, or the installed command. */
+let invocation = "deno run -A server.ts";
 
 /** The `--help` text. */
 export function usage(): string {
   return `tcpnetlock server ${VERSION}: named locks over TCP
 
-Usage: deno run -A server.ts [options]
+Usage: ${invocation} [options]
 
 Options:
 ${formatFlags(SERVER_FLAGS)}
 
 Exit codes: 0 stopped by a signal or .server-shutdown; 2 bad usage or cannot listen;
-3 failure while serving.
+3 an unexpected failure while serving (a bug: please report it with the log).
 `;
 }
 
@@ -278,6 +287,8 @@ export function parseServerArgs(
  * ```
  */
 export async function main(args: string[]): Promise<number> {
+  const prog = args.indexOf("--prog-name");
+  if (prog >= 0 && /^[\w.@/-]+$/.test(args[prog + 1] ?? "")) invocation = args[prog + 1];
   let parsed;
   try {
     parsed = parseServerArgs(args);
@@ -342,5 +353,10 @@ export async function main(args: string[]): Promise<number> {
 }
 
 if (import.meta.main) {
-  Deno.exit(await main(Deno.args));
+  Deno.exit(
+    await main(Deno.args).catch((err) => {
+      console.error(`tcpnetlock server: unexpected failure: ${err?.stack ?? err}`);
+      return 3;
+    }),
+  );
 }

@@ -45,6 +45,9 @@ export function env(name: string): string | undefined {
 /** The parsed flags: values from the command line, else from the environment. */
 export type FlagValues = Record<string, string | boolean | undefined>;
 
+/** For each parsed values object, the flags whose value came from a variable, and which one. */
+const fromEnv = new WeakMap<FlagValues, Map<string, string>>();
+
 /**
  * Parses `args` against `specs`. Unknown flags and missing values throw {@linkcode UsageError}.
  * Returns the values (flag, else variable) and the positional arguments.
@@ -70,6 +73,8 @@ export function parseFlags(
     throw new UsageError(err instanceof Error ? err.message : String(err));
   }
   const values: FlagValues = {};
+  const sources = new Map<string, string>();
+  fromEnv.set(values, sources);
   for (const s of specs) {
     const v = (parsed.values as Record<string, string | boolean | undefined>)[s.name];
     if (v !== undefined) {
@@ -86,6 +91,7 @@ export function parseFlags(
     } else {
       values[s.name] = e;
     }
+    sources.set(s.name, s.env!);
   }
   return { values, positionals: parsed.positionals };
 }
@@ -105,8 +111,9 @@ export function formatFlags(specs: FlagSpec[]): string {
   ).join("\n");
 }
 
-function label(name: string): string {
-  return `--${name}`;
+/** How a message names a flag: `--wait`, or `TCPNETLOCK_WAIT` when the value came from there. */
+function label(values: FlagValues, name: string): string {
+  return fromEnv.get(values)?.get(name) ?? `--${name}`;
 }
 
 /** A whole number within [min, max], or a UsageError naming the flag. */
@@ -123,7 +130,7 @@ export function intFlag(
   if (!/^\d+$/.test(text) || !Number.isSafeInteger(n) || n < min || n > max) {
     const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
     throw new UsageError(
-      `Invalid value for ${label(name)}: "${v}" (expected a whole number ${range})`,
+      `Invalid value for ${label(values, name)}: "${v}" (expected a whole number ${range})`,
     );
   }
   return n;
@@ -141,7 +148,7 @@ export function secondsFlag(
   const n = /^(?:\d+(?:\.\d*)?|\.\d+)$/.test(text) ? Number(text) : NaN;
   if (!Number.isFinite(n) || n < 0 || (!allowZero && n === 0)) {
     throw new UsageError(
-      `Invalid value for ${label(name)}: "${v}" (expected a number of seconds${
+      `Invalid value for ${label(values, name)}: "${v}" (expected a number of seconds${
         allowZero ? "" : " above 0"
       })`,
     );
@@ -159,7 +166,7 @@ export function choiceFlag<T extends string>(
   if (v === undefined) return undefined;
   if (!choices.includes(String(v) as T)) {
     throw new UsageError(
-      `Invalid value for ${label(name)}: "${v}" (expected ${choices.join(" or ")})`,
+      `Invalid value for ${label(values, name)}: "${v}" (expected ${choices.join(" or ")})`,
     );
   }
   return v as T;

@@ -23,6 +23,7 @@ import {
   LockTimeoutError,
   ServerUnreachableError,
 } from "../client.ts";
+import { describeHolders } from "./holders.ts";
 import { parseDecimal, parsePositiveInt } from "./protocol.ts";
 
 /** Exit codes of the command line. */
@@ -47,6 +48,13 @@ export const ExitCode = {
   INTERRUPTED_SIGTERM: 143,
 } as const;
 
+/** How the usage names this program: `deno run -A client.ts`, or the installed command. */
+let invocation = "deno run -A client.ts";
+
+function usage(): string {
+  return USAGE.replace("deno run -A client.ts", invocation);
+}
+
 const USAGE = `Usage: deno run -A client.ts [OPTIONS] COMMAND [ARGS]
 
 Talks to a tcpnetlock server.
@@ -61,6 +69,8 @@ Commands:
       --limit N           semaphore: up to N holders at once
       --keep-alive-secs S send a keepalive every S seconds
       --keep-alive        send a keepalive every 15 seconds (unless --keep-alive-secs)
+      -s, --shared        a shared lock: many shared holders at once (like flock -s)
+      -x, --exclusive     an exclusive lock, the default
   ping             check that the server answers
   stats            print the server's counters as JSON
   locks            list the held and awaited locks: a table on a terminal, else JSON
@@ -76,6 +86,7 @@ Options:
   --ca-cert FILE          trust this CA certificate (PEM); implies --tls; repeatable
   --auth-token-file FILE  read the server's auth token from FILE (default: TCPNETLOCK_AUTH_TOKEN)
   --connect-timeout S     give up connecting after S seconds (default: 10)
+  --prog-name NAME        the name the usage gives this program (set by deno install -n)
   -h, --help              print this help
 
 Exit codes: 0 done; 2 bad usage or connection refused; 3 other connection failure;
@@ -102,10 +113,13 @@ const OPTIONS = {
   "keep-alive": { type: "boolean" },
   json: { type: "boolean" },
   table: { type: "boolean" },
+  shared: { type: "boolean", short: "s" },
+  exclusive: { type: "boolean", short: "x" },
+  "prog-name": { type: "string" },
 } as const;
 
 const COMMAND_OPTIONS: Record<string, readonly string[]> = {
-  hold: ["wait", "ttl", "limit", "keep-alive-secs", "keep-alive"],
+  hold: ["wait", "ttl", "limit", "keep-alive-secs", "keep-alive", "shared", "exclusive"],
   locks: ["json", "table"],
   ping: [],
   stats: [],
@@ -128,16 +142,25 @@ export async function main(args: string[]): Promise<number> {
   let command: string;
   let positionals: string[];
   let values: ReturnType<typeof parse>["values"];
+  const prog = args.indexOf("--prog-name");
+  if (prog >= 0 && /^[\w.@/-]+$/.test(args[prog + 1] ?? "")) invocation = args[prog + 1];
   try {
     ({ values, positionals } = parse(args));
     if (values.help) {
-      console.log(USAGE.trimEnd());
+      console.log(usage().trimEnd());
       return ExitCode.OK;
     }
     if (positionals.length === 0) throw new UsageError("Missing command");
     command = positionals[0];
     const allowed = COMMAND_OPTIONS[command];
-    if (allowed === undefined) throw new UsageError(`Unknown command "${command}"`);
+    if (allowed === undefined) {
+      const near = nearest(command, Object.keys(COMMAND_OPTIONS));
+      console.error(
+        `error: unknown command "${command}"${near ? `, did you mean "${near}"?` : ""}\n` +
+          `Run "${invocation} --help" for the commands and options.`,
+      );
+      return ExitCode.USAGE;
+    }
     for (const [option, value] of Object.entries(values)) {
       if (value !== undefined && OPTIONS_OF_COMMANDS.has(option) && !allowed.includes(option)) {
         throw new UsageError(`Option "--${option}" does not apply to "${command}"`);
@@ -265,6 +288,11 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
     } else if (values["keep-alive"]) {
       options.keepAlive = 15;
     }
+    if (values.shared && values.exclusive) {
+      throw new UsageError("Give --shared (-s) or --exclusive (-x), not both");
+    }
+    if (values.shared) options.mode = "shared";
+    if (values.exclusive) options.mode = "exclusive";
     if (options.ttl !== undefined && options.keepAlive !== undefined) {
       if (options.keepAlive >= options.ttl) {
         throw new UsageError(
@@ -294,16 +322,28 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
     }
   }
 
+  let askedAt = -Infinity;
   try {
     let lock: HeldLock;
     try {
       lock = await client.lock(name, {
         ...options,
         signal: interrupt.signal,
-        onQueued: (position) =>
-          console.error(
-            `Waiting for lock "${name}" on "${client.server}": position ${position} in the queue`,
-          ),
+        onQueued: (position) => {
+          const where = `Waiting for lock "${name}" on "${client.server}": position ${position}`;
+          // Who holds it: asked at most every 10 s (a long queue must not flood the server).
+          if (performance.now() - askedAt < 10_000) {
+            console.error(`${where} in the queue`);
+            return;
+          }
+          askedAt = performance.now();
+          void client.locks({ signal: AbortSignal.timeout(2000) }).then(
+            (locks) => describeHolders(name, locks),
+            () => undefined,
+          ).then((holders) =>
+            console.error(`${where} in the queue${holders === undefined ? "" : `; ${holders}`}`)
+          );
+        },
       });
     } catch (e) {
       if (interrupt.signal.aborted) {
@@ -312,7 +352,11 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
           : ExitCode.INTERRUPTED_SIGTERM;
       }
       if (e instanceof LockNotGrantedError || e instanceof LockTimeoutError) {
-        console.error(`error: ${e.message}`);
+        const holders = await client.locks({ signal: AbortSignal.timeout(2000) }).then(
+          (locks) => describeHolders(name, locks),
+          () => undefined,
+        );
+        console.error(`error: ${e.message}${holders === undefined ? "" : `: ${holders}`}`);
         return ExitCode.NOT_GRANTED;
       }
       return failure(e);
@@ -338,8 +382,30 @@ async function hold(client: LockClient, name: string, values: Values): Promise<n
 
 function usageError(e: unknown): number {
   const message = e instanceof Error ? e.message : String(e);
-  console.error(`error: ${message}\n\n${USAGE.trimEnd()}`);
+  console.error(`error: ${message}\n\n${usage().trimEnd()}`);
   return ExitCode.USAGE;
+}
+
+/** The candidate one edit away from `word` (a typo: one letter wrong, missing, extra, swapped). */
+function nearest(word: string, candidates: readonly string[]): string | undefined {
+  return candidates.find((c) => editDistance(word.toLowerCase(), c) <= 1) ??
+    candidates.find((c) => c.startsWith(word.toLowerCase()) && word.length >= 2);
+}
+
+/** Damerau-Levenshtein distance (optimal string alignment) between two short words. */
+function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...Array(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0][j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) {
+        d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
+      }
+    }
+  }
+  return d[a.length][b.length];
 }
 
 function failure(e: unknown): number {

@@ -2,25 +2,31 @@
 #
 # tcpnetlock.sh: tcpnetlock locks for bash scripts (bash 4.1 or later). Source it, then:
 #
-#   run_with_lock NAME COMMAND [ARGS...]
+#   run_with_lock [OPTIONS] NAME COMMAND [ARGS...]
+#   run_with_lock [OPTIONS] --lock-name NAME [--] COMMAND [ARGS...]
 #       Runs COMMAND while holding the lock NAME and returns COMMAND's exit code, or do.ts's own
-#       (123 not granted, 125 server unreachable, 122 lock lost, ...: see do.ts --help).
+#       (123 not granted, 125 server unreachable or refused, 122 lock lost, ...: see do.ts --help).
+#       OPTIONS are do.ts options, e.g. --shared (-s), -w 60, --wait forever, -E 0.
 #
-#   lock_in_bg NAME
-#       Takes the lock NAME and holds it in the background for the rest of the script. When the
+#   lock_in_bg [--shared] [NAME]
+#       Takes the lock NAME and holds it in the background for the rest of the script. Without
+#       NAME, as in the original helper, the name comes from the script's file name. When the
 #       lock is not granted, the script exits with 123 (with do.ts's exit code on other failures).
 #       Once held, TCPNETLOCK_LOCK_NAME and TCPNETLOCK_FENCING_TOKEN are exported. Installs EXIT,
 #       INT, TERM, HUP and USR1 traps that release the lock (a trap the script sets afterwards
 #       replaces it: call release_lock from yours). If the lock is lost, the script gets SIGUSR1
 #       and exits with 122 (bash runs the trap once the current foreground command has ended).
-#       If the script is killed with SIGKILL, the holder notices that its stdin closed and
-#       releases the lock.
+#       If the script is killed with SIGKILL, the holder notices that the script is gone (even
+#       when a child of the script keeps the pipe open) and releases the lock.
 #
 #   release_lock
 #       Gives the lock of lock_in_bg back, waits until the holder has gone, and puts back the
 #       traps that were there before lock_in_bg.
 #
 # Settings, from the environment:
+#   TCPNETLOCK_DO        how to run do.ts: a path to do.ts (run with deno run -A), or a command
+#                        such as tnl-do (from deno install -g -A -n tnl-do .../do.ts). Default:
+#                        the do.ts of the checkout this file is in, else tnl-do on the PATH.
 #   TCPNETLOCK_DO_OPTS   extra do.ts options for both functions, e.g. "--wait 60 --ttl 30".
 #                        Split on spaces, tabs and newlines (whatever IFS is), with no quoting
 #                        and no globbing: options that need a value with spaces cannot go here.
@@ -28,14 +34,14 @@
 #   TCPNETLOCK_HOST, TCPNETLOCK_PORT, TCPNETLOCK_CLIENT_ID, TCPNETLOCK_AUTH_TOKEN, ...
 #                        read by do.ts itself (see do.ts --help).
 #
-# From a checkout, the do.ts next to this file's folder is used; otherwise jsr:@x/tcpnetlock/do.
+# When no do.ts can be found, both functions say so and return (lock_in_bg: exit) 127.
 # Safe under `set -euo pipefail`.
 
-# The do.ts to run: the checkout's, else the published one.
-_tnl_do_ts=jsr:@x/tcpnetlock/do
+# The checkout's do.ts, if this file is in a checkout.
+_tnl_checkout_do=
 _tnl_here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." 2>/dev/null && pwd -P) || _tnl_here=
 if [[ -n $_tnl_here && -f $_tnl_here/do.ts ]]; then
-  _tnl_do_ts=$_tnl_here/do.ts
+  _tnl_checkout_do=$_tnl_here/do.ts
 fi
 unset _tnl_here
 
@@ -57,41 +63,93 @@ _tnl_holder='trap '\''kill -USR1 "$1" 2>/dev/null; exit 143'\'' TERM
 printf '\''granted %s\n'\'' "${TCPNETLOCK_FENCING_TOKEN-}"
 exec 3<&0
 cat <&3 >/dev/null &
-wait "$!"'
+c=$!
+while kill -0 "$1" 2>/dev/null && kill -0 "$c" 2>/dev/null; do sleep 0.2; done
+kill "$c" 2>/dev/null
+exit 0'
 
-# Sets _tnl_cmd to the do.ts command line: deno, do.ts, TCPNETLOCK_DO_OPTS, then the arguments.
+# Sets _tnl_cmd to the do.ts command line: do.ts, TCPNETLOCK_DO_OPTS, then the arguments.
+# Returns 127 (with a message) when there is no do.ts to run.
 _tnl_command() {
-  local -a opts=()
+  local -a opts=() run=()
   if [[ -n ${TCPNETLOCK_DO_OPTS-} ]]; then
     IFS=$' \t\n' read -r -d '' -a opts <<<"$TCPNETLOCK_DO_OPTS" || true
   fi
-  _tnl_cmd=("${TCPNETLOCK_DENO:-deno}" run -A "$_tnl_do_ts" ${opts[@]+"${opts[@]}"} "$@")
+  local do=${TCPNETLOCK_DO:-$_tnl_checkout_do}
+  if [[ -z $do ]] && command -v tnl-do >/dev/null 2>&1; then do=tnl-do; fi
+  if [[ -z $do ]]; then
+    echo "tcpnetlock.sh: no do.ts to run: set TCPNETLOCK_DO to the path of do.ts or to an" \
+      "installed tnl-do (deno install -g -A -n tnl-do PATH/do.ts --prog-name tnl-do)" >&2
+    return 127
+  fi
+  if [[ $do == *.ts || $do == *://* ]]; then
+    run=("${TCPNETLOCK_DENO:-deno}" run -A "$do")
+  else
+    run=("$do")
+  fi
+  _tnl_cmd=("${run[@]}" ${opts[@]+"${opts[@]}"} "$@")
 }
 
+# do.ts options that take a value (the next argument), for splitting run_with_lock's arguments.
+_tnl_valued=" --lock-name --host --port --client-id --wait -w --retry --retry-wait --ttl --limit
+  --keep-alive-secs --on-lock-loss --kill-after --ca-cert --auth-token-file --conflict-exit-code
+  -E --prog-name "
+
 run_with_lock() {
-  if (($# < 2)); then
-    echo "usage: run_with_lock NAME COMMAND [ARGS...]" >&2
-    return 2
-  fi
-  local name=$1
-  shift
+  local -a opts=()
+  local named=
+  while (($# > 0)) && [[ $1 == -?* && $1 != -- ]]; do
+    [[ $1 == --lock-name || $1 == --lock-name=* ]] && named=1
+    opts+=("$1")
+    if [[ $_tnl_valued == *" $1 "* ]] && (($# > 1)); then
+      opts+=("$2")
+      shift
+    fi
+    shift
+  done
   local -a _tnl_cmd
-  _tnl_command --lock-name "$name" -- "$@"
+  if [[ -n $named ]]; then
+    # The original form: run_with_lock --lock-name NAME [--] COMMAND...
+    [[ ${1-} == -- ]] && shift
+    if (($# < 1)); then
+      echo "usage: run_with_lock [OPTIONS] NAME COMMAND [ARGS...]" >&2
+      return 2
+    fi
+    _tnl_command ${opts[@]+"${opts[@]}"} -- "$@" || return
+  else
+    if (($# < 2)); then
+      echo "usage: run_with_lock [OPTIONS] NAME COMMAND [ARGS...]" >&2
+      return 2
+    fi
+    local name=$1
+    shift
+    _tnl_command ${opts[@]+"${opts[@]}"} --lock-name "$name" -- "$@" || return
+  fi
   "${_tnl_cmd[@]}"
 }
 
 lock_in_bg() {
-  if (($# != 1)); then
-    echo "usage: lock_in_bg NAME" >&2
+  local -a mode=()
+  if [[ ${1-} == --shared || ${1-} == -s ]]; then
+    mode=(--shared)
+    shift
+  fi
+  if (($# > 1)); then
+    echo "usage: lock_in_bg [--shared] [NAME]" >&2
     return 2
   fi
   if [[ -n $_tnl_pid ]]; then
     echo "lock_in_bg: already holding lock \"$_tnl_name\": call release_lock first" >&2
     return 2
   fi
-  local name=$1 line rc
+  local name=${1-} line rc
+  if [[ -z $name ]]; then
+    # As the original helper: the script's file name, "." turned into "-", other signs dropped.
+    name=$(basename -- "$0" | tr . - | sed 's/[^0-9a-zA-Z_-]*//g')
+  fi
   local -a _tnl_cmd
-  _tnl_command --lock-name "$name" -- sh -c "$_tnl_holder" tcpnetlock-holder "$BASHPID"
+  _tnl_command ${mode[@]+"${mode[@]}"} --lock-name "$name" -- \
+    sh -c "$_tnl_holder" tcpnetlock-holder "$BASHPID" || exit
 
   _tnl_dir=$(mktemp -d "${TMPDIR:-/tmp}/tcpnetlock.XXXXXX")
   mkfifo "$_tnl_dir/in" "$_tnl_dir/out"

@@ -284,3 +284,39 @@ Deno.test("cli: --auth-token-file and TCPNETLOCK_AUTH_TOKEN authenticate; withou
   const out = await cli([...base, "stats"], { TCPNETLOCK_AUTH_TOKEN: "s3cret" });
   assert.equal(out.code, 0, out.stderr);
 });
+
+Deno.test("cli: hold --shared sends mode:shared; not granted, it names the holder", async () => {
+  // A stand-in server: records lock lines, answers not-granted, and a .locks naming a holder.
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const lines: string[] = [];
+  const serve = (async () => {
+    for (let i = 0; i < 2; i++) {
+      const conn = await listener.accept();
+      const buf = new Uint8Array(1024);
+      const line = new TextDecoder().decode(buf.subarray(0, await conn.read(buf) ?? 0)).trim();
+      lines.push(line);
+      const since = new Date(Date.now() - 134_000).toISOString();
+      const reply = line.startsWith(".locks")
+        ? `locks,${
+          JSON.stringify([{
+            name: "db",
+            limit: 1,
+            waiting: 3,
+            holders: [{ client_id: "cron-1", token: 7, since, remote: "10.0.3.7:4000" }],
+          }])
+        }`
+        : "not-granted";
+      await conn.write(new TextEncoder().encode(reply + "\n"));
+      conn.close();
+    }
+  })();
+  try {
+    const out = await cli(["--port", String(listener.addr.port), "hold", "db", "--shared"]);
+    assert.equal(out.code, 123, out.stderr);
+    assert.match(out.stderr, /"db" is held by cron-1 \(10\.0\.3\.7\) for 2m1\ds; 3 waiting/);
+  } finally {
+    await serve;
+    listener.close();
+  }
+  assert.match(lines[0], /^lock,name:db,.*mode:shared/);
+});

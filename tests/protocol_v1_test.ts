@@ -275,13 +275,13 @@ Deno.test("netcat recipe: `echo 'lock,name:LOCK_NAME' | nc localhost PORT` holds
   await using srv = await startTestServer({ hostname: "localhost" });
   const tmp = await Deno.makeTempDir();
   try {
-    // The README's fifo recipe, with this test's port.
+    // The README's FIFO recipe (tests/docs_test.ts runs it as written), with this test's port.
     const script = `
-      echo 'lock,name:LOCK_NAME' | nc -v localhost ${srv.port} | tee ${tmp}/.tcpnetlock >/dev/null &
-      while [ ! -s ${tmp}/.tcpnetlock ]; do sleep 0.05; done
-      result=$(head -n 1 ${tmp}/.tcpnetlock)
+      fifo=${tmp}/fifo && mkfifo "$fifo"
+      echo 'lock,name:LOCK_NAME' | nc -v localhost ${srv.port} > "$fifo" &
+      exec 3< "$fifo"
+      read -r result <&3
       echo "result=$result"
-      echo "$!" > ${tmp}/pid
     `;
     const child = new Deno.Command("bash", {
       args: ["-c", script + "wait"],

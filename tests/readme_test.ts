@@ -1,4 +1,5 @@
-// The README is the front door: every flag and variable the programs accept is documented there.
+// The README is the front door and docs/ the reference: every flag and variable the programs
+// accept is documented there (tests/docs_test.ts runs or parses every sample).
 
 import assert from "node:assert/strict";
 import { ROOT } from "./test_util.ts";
@@ -12,8 +13,17 @@ async function help(program: string): Promise<string> {
   return new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
 }
 
-Deno.test("README documents every flag and TCPNETLOCK_* variable of server.ts, client.ts and do.ts", async () => {
-  const readme = await Deno.readTextFile(`${ROOT}README.md`);
+/** README.md and every docs/*.md, as one text. */
+async function allDocs(): Promise<string> {
+  let text = await Deno.readTextFile(`${ROOT}README.md`);
+  for await (const entry of Deno.readDir(`${ROOT}docs`)) {
+    if (entry.name.endsWith(".md")) text += await Deno.readTextFile(`${ROOT}docs/${entry.name}`);
+  }
+  return text;
+}
+
+Deno.test("README and docs/ document every flag and TCPNETLOCK_* variable of server.ts, client.ts and do.ts", async () => {
+  const readme = await allDocs();
   for (const program of ["server.ts", "client.ts", "do.ts"]) {
     const text = await help(program);
     const flags = new Set(text.match(/--[a-z][a-z0-9-]+/g) ?? []);

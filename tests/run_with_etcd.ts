@@ -30,6 +30,7 @@ const status = await new Deno.Command(Deno.execPath(), {
     `${root}tests/protocol_v1_test.ts`,
     `${root}tests/protocol_v2_test.ts`,
     `${root}tests/protocol_shared_test.ts`,
+    `${root}tests/shared_tools_test.ts`,
   ],
   env: { TCPNETLOCK_TEST_STORE: "etcd" },
   stdin: "null",

@@ -297,6 +297,62 @@ Deno.test("shell: a script killed by SIGKILL while holding: the holder notices, 
   }
 });
 
+Deno.test("shell: a script SIGKILLed while a child of it keeps running: the lock is freed all the same", async () => {
+  await using srv = await startTestServer();
+  const name = uniqueName("orphan");
+  let orphan = 0;
+  try {
+    // The background sleep inherits the script's end of the pipe to the holder, and outlives it.
+    await using s = new Script(
+      `lock_in_bg ${name}\nsleep 60 >/dev/null 2>&1 &\necho "held $!"\nread -r _`,
+      env(srv.port),
+      name,
+    );
+    await s.until((x) => /held \d+/.test(x.stdout), "the lock is held");
+    orphan = Number(/held (\d+)/.exec(s.stdout)![1]);
+    s.kill("SIGKILL");
+    await s.exited();
+    await until(() => holders(srv, name).length === 0, "the lock to be freed", 10_000);
+    await until(
+      () => holderProcesses(name, s.child.pid).length === 0,
+      "the holder and do.ts to exit",
+      10_000,
+    );
+  } finally {
+    killLeftovers(name);
+    if (orphan > 1) {
+      try {
+        Deno.kill(orphan, "SIGKILL");
+      } catch {
+        // gone
+      }
+    }
+  }
+});
+
+Deno.test("shell: lock_in_bg without a name takes the script's name, as the original helper", async () => {
+  await using srv = await startTestServer();
+  const dir = await Deno.makeTempDir();
+  try {
+    const script = `${dir}/nightly.job.sh`;
+    await Deno.writeTextFile(
+      script,
+      `set -euo pipefail\nsource '${HELPER}'\nlock_in_bg\necho "held $TCPNETLOCK_LOCK_NAME"\nrelease_lock\n`,
+    );
+    const out = await new Deno.Command("bash", {
+      args: [script],
+      env: env(srv.port),
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout);
+    assert.equal(out.code, 0, new TextDecoder().decode(out.stderr));
+    assert.equal(text, "held nightly-job-sh\n");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("shell: when lock_in_bg's lock is lost, the script leaves with 122", async () => {
   const srv = await startTestServer();
   const name = uniqueName("lost");
@@ -318,7 +374,7 @@ Deno.test("shell: when lock_in_bg's lock is lost, the script leaves with 122", a
   }
 });
 
-Deno.test("shell: TCPNETLOCK_DENO and TCPNETLOCK_DO_OPTS; jsr:@x/tcpnetlock/do outside a checkout", async () => {
+Deno.test("shell: TCPNETLOCK_DENO and TCPNETLOCK_DO_OPTS; outside a checkout TCPNETLOCK_DO or tnl-do, else 127", async () => {
   const dir = await Deno.makeTempDir();
   try {
     // A stand-in for deno that records its arguments, one per line.
@@ -348,24 +404,63 @@ Deno.test("shell: TCPNETLOCK_DENO and TCPNETLOCK_DO_OPTS; jsr:@x/tcpnetlock/do o
       "echo",
       "a b",
     ]);
-    // A copy of the helper away from the checkout runs the published do.ts.
+    // A copy of the helper away from the checkout: TCPNETLOCK_DO names do.ts or a command;
+    // without it and without tnl-do on the PATH, a clear message and 127 (no module error).
     await Deno.copyFile(HELPER, `${dir}/tcpnetlock.sh`);
-    await using copy = new Script(
-      `rc=0\nrun_with_lock job true || rc=$?\necho "rc=$rc"`,
-      env(1, { TCPNETLOCK_DENO: fake }),
-      undefined,
-      `${dir}/tcpnetlock.sh`,
-    );
-    assert.equal((await copy.output()).stdout, "rc=9\n");
-    assert.deepEqual((await Deno.readTextFile(`${dir}/args`)).trimEnd().split("\n"), [
-      "run",
-      "-A",
-      "jsr:@x/tcpnetlock/do",
-      "--lock-name",
-      "job",
-      "--",
-      "true",
-    ]);
+    const away = (vars: Record<string, string>, body = "run_with_lock job true") =>
+      new Script(
+        `rc=0\n${body} || rc=$?\necho "rc=$rc"`,
+        env(1, { TCPNETLOCK_DENO: fake, PATH: "/usr/bin:/bin", ...vars }),
+        undefined,
+        `${dir}/tcpnetlock.sh`,
+      );
+    {
+      await using copy = away({});
+      const out = await copy.output();
+      assert.equal(out.stdout, "rc=127\n");
+      assert.match(out.stderr, /set TCPNETLOCK_DO/);
+    }
+    {
+      await using copy = away({ TCPNETLOCK_DO: "/opt/tcpnetlock/do.ts" });
+      assert.equal((await copy.output()).stdout, "rc=9\n");
+      assert.deepEqual((await Deno.readTextFile(`${dir}/args`)).trimEnd().split("\n"), [
+        "run",
+        "-A",
+        "/opt/tcpnetlock/do.ts",
+        "--lock-name",
+        "job",
+        "--",
+        "true",
+      ]);
+    }
+    // An installed tnl-do, on the PATH or named; the original forms and --shared pass through.
+    await Deno.mkdir(`${dir}/bin`);
+    await Deno.copyFile(fake, `${dir}/bin/tnl-do`);
+    await Deno.chmod(`${dir}/bin/tnl-do`, 0o755);
+    for (
+      const [body, args] of [
+        ["run_with_lock job true", ["--lock-name", "job", "--", "true"]],
+        ["run_with_lock --shared -w 5 job true", [
+          "--shared",
+          "-w",
+          "5",
+          "--lock-name",
+          "job",
+          "--",
+          "true",
+        ]],
+        ["run_with_lock --lock-name job -- true", ["--lock-name", "job", "--", "true"]],
+        ["run_with_lock --lock-name=job true", ["--lock-name=job", "--", "true"]],
+      ] as const
+    ) {
+      await using copy = away({ PATH: `${dir}/bin:/usr/bin:/bin` }, body);
+      assert.equal((await copy.output()).stdout, "rc=9\n", body);
+      assert.deepEqual(
+        (await Deno.readTextFile(`${dir}/args`)).trimEnd().split("\n"),
+        [...args],
+        body,
+      );
+    }
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
