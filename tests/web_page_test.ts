@@ -137,8 +137,8 @@ Deno.test({
     await waitCard(page, "migration", null, 1000);
 
     // The filter: by name and by client id, "/" focuses it, Escape clears it.
-    await using c1 = await take(srv.port, "lock,name:db-a,client-id:carol", /^ok$/);
-    await using c2 = await take(srv.port, "lock,name:cache-b,client-id:dave", /^ok$/);
+    await using _c1 = await take(srv.port, "lock,name:db-a,client-id:carol", /^ok$/);
+    await using _c2 = await take(srv.port, "lock,name:cache-b,client-id:dave", /^ok$/);
     await waitCard(page, "cache-b", ["dave"], 1000);
     await page.keyboard.press("/");
     assert.equal(await page.evaluate(() => document.activeElement?.id), "q");
@@ -187,7 +187,7 @@ Deno.test({
       srv = await startWebServer(args, undefined, httpPort);
       await waitState(page, "live", 10_000);
       await waitCard(page, "before", null, 1000); // the new server has no such lock
-      await using after = await take(srv.port, "lock,name:after,client-id:two", /^ok$/);
+      await using _after = await take(srv.port, "lock,name:after,client-id:two", /^ok$/);
       await waitCard(page, "after", ["two"], 1000);
       await page.close();
     } finally {

@@ -11,7 +11,7 @@
  * | event | data |
  * |---|---|
  * | `reset` | `{t, server: {version, store}, history: [sample...]}`: forget everything; the locks follow as `update`s |
- * | `update` | `{t, upsert: [LockDetail...], remove: [name...]}` |
+ * | `update` | `{t, upsert: [LockDetail...], remove: [name...]}`, with `snapshot: true` while a new page gets its first look |
  * | `stats` | a sample: `{t, connections, held, waiting, grants, timeouts}` (rates per second) |
  *
  * `t` is the server's wall clock in ms (the page corrects "held for" with it). A page that reads
@@ -40,8 +40,10 @@ export interface LiveFeedOptions {
   intervalMs?: number;
   /** Waiters sent per name (default 10; `waiting` counts them all). */
   maxQueue?: number;
-  /** Names per `update` event; a bigger change goes out in several, a task apart (default 250). */
+  /** Names per `update` event; a bigger change goes out in several, a task apart (default 100). */
   batch?: number;
+  /** Names per `update` of a new page's first snapshot (default 50: short tasks in the page). */
+  snapshotBatch?: number;
   /** Counter samples kept for the sparklines, one a second (default 300: five minutes). */
   historySize?: number;
   /** Bytes that may wait for a slow page before it is dropped (default 8 MiB). */
@@ -96,6 +98,7 @@ export class LiveFeed {
   readonly #intervalMs: number;
   readonly #maxQueue: number;
   readonly #batch: number;
+  readonly #snapshotBatch: number;
   readonly #historySize: number;
   readonly #maxBuffered: number;
   readonly #store: string;
@@ -121,7 +124,8 @@ export class LiveFeed {
     this.#source = source;
     this.#intervalMs = options.intervalMs ?? 250;
     this.#maxQueue = options.maxQueue ?? 10;
-    this.#batch = Math.max(1, options.batch ?? 250);
+    this.#batch = Math.max(1, options.batch ?? 100);
+    this.#snapshotBatch = Math.max(1, options.snapshotBatch ?? 50);
     this.#historySize = options.historySize ?? 300;
     this.#maxBuffered = options.maxBufferedBytes ?? 8 * 1024 * 1024;
     this.#store = options.store ?? "memory";
@@ -181,7 +185,7 @@ export class LiveFeed {
     client.pending = [...this.#source.table.names()];
     if (client.pending.length === 0) {
       client.pending = undefined;
-      this.#send(client, "update", { t, upsert: [], remove: [] });
+      this.#send(client, "update", { t, upsert: [], remove: [], snapshot: true });
     }
     this.#sendStats(client);
     this.#scheduleFeed();
@@ -271,7 +275,7 @@ export class LiveFeed {
       let more = false;
       for (const c of this.#clients) {
         if (c.pending === undefined) continue;
-        const names = c.pending.splice(0, this.#batch);
+        const names = c.pending.splice(0, this.#snapshotBatch);
         const upsert: LockDetail[] = [];
         for (const name of names) {
           const d = this.#source.table.detail(name, this.#maxQueue);
@@ -279,12 +283,7 @@ export class LiveFeed {
         }
         if (c.pending.length === 0) c.pending = undefined;
         else more = true;
-        this.#send(c, "update", {
-          t: Date.now(),
-          upsert,
-          remove: [],
-          more: c.pending !== undefined,
-        });
+        this.#send(c, "update", { t: Date.now(), upsert, remove: [], snapshot: true });
       }
       if (more) this.#scheduleFeed();
     }, 0);
