@@ -15,6 +15,8 @@ import type { ServerProcess } from "./test_util.ts";
 declare const document: any;
 // deno-lint-ignore no-explicit-any
 declare const sessionStorage: any;
+// deno-lint-ignore no-explicit-any
+declare const getComputedStyle: any;
 /** An element with `hidden`. */
 type HTMLElement = { hidden: boolean };
 
@@ -157,6 +159,27 @@ Deno.test({
         document.getElementById("v-connections")?.textContent === "2",
       { timeout: 3000 },
     );
+    // No layout jumps: the list stays where it is while locks and counters change.
+    const top = () => page.$eval("#locks", (e) => e.getBoundingClientRect().top);
+    const before = await top();
+    await using _e = await take(srv.port, "lock,name:a-first,client-id:erin", /^ok$/);
+    await waitCard(page, "a-first", ["erin"], 1000);
+    await page.waitForFunction(() => document.getElementById("v-held")?.textContent === "3", {
+      timeout: 3000,
+    });
+    assert.equal(await top(), before);
+
+    // 320 px wide: nothing sticks out sideways. Dark mode follows the system setting.
+    await page.setViewport({ width: 320, height: 640 });
+    assert.ok(
+      await page.evaluate(() => document.documentElement.scrollWidth <= 320),
+      "no horizontal scrolling at 320 px",
+    );
+    const background = () =>
+      page.evaluate(() => getComputedStyle(document.body).backgroundColor as string);
+    assert.equal(await background(), "rgb(255, 255, 255)");
+    await page.emulateMediaFeatures([{ name: "prefers-color-scheme", value: "dark" }]);
+    assert.equal(await background(), "rgb(18, 20, 22)");
     assert.deepEqual(errors, [], "no console errors");
     await page.close();
   },

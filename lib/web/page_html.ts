@@ -88,11 +88,11 @@ button { cursor: pointer; background: var(--card); }
   font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace;
 }
 .cap { font-size: 0.85rem; color: var(--muted); white-space: nowrap; }
-.cap.full { color: var(--bad); }
 .lock ul, .lock ol { list-style: none; margin: 0.3rem 0 0; padding: 0; }
 .lock li { padding: 0.15rem 0; border-top: 1px dashed var(--line); overflow-wrap: anywhere; }
 .lock li:first-child { border-top: 0; }
 .who { font-weight: 600; }
+.who, .remote { display: inline-block; max-width: 100%; overflow-wrap: anywhere; }
 .remote, .meta, .more, .free { color: var(--muted); font-size: 0.85rem; }
 .remote { margin-left: 0.4rem; }
 .meta { display: block; }
@@ -323,6 +323,8 @@ button { cursor: pointer; background: var(--card); }
   function drawCounters() {
     var last = history[history.length - 1];
     var end = last ? last.t : 0;
+    // The x axis spans what the history has, from 10 s to five minutes.
+    var span = history.length ? Math.min(WINDOW_MS, Math.max(10000, end - history[0].t)) : WINDOW_MS;
     for (var k = 0; k < SERIES.length; k++) {
       var key = SERIES[k];
       $("v-" + key).textContent = fmt(key, last && last[key]);
@@ -330,7 +332,7 @@ button { cursor: pointer; background: var(--card); }
       for (var i = 0; i < history.length; i++) if (history[i][key] > max) max = history[i][key];
       for (var j = 0; j < history.length; j++) {
         var s = history[j];
-        var x = 100 - (end - s.t) / WINDOW_MS * 100;
+        var x = 100 - (end - s.t) / span * 100;
         if (x < 0) continue;
         pts.push(x.toFixed(1) + "," + (19 - s[key] / max * 18).toFixed(1));
       }
