@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { startHttpServer } from "../lib/http.ts";
 import { LiveFeed } from "../lib/web/events.ts";
 import { hasEtcd, sharedEtcd } from "./etcd_util.ts";
-import { RawClient, startTestServer, until } from "./test_util.ts";
+import { RawClient, ROOT, startServerProcess, startTestServer, until } from "./test_util.ts";
 
 /** A reader of Server-Sent Events from a response body. */
 class Events {
@@ -227,4 +227,30 @@ Deno.test({
       feed.close();
     }
   },
+});
+
+Deno.test("docs/web.md: its server command and its curl commands work as written", async () => {
+  const doc = await Deno.readTextFile(`${ROOT}docs/web.md`);
+  const samples = [...doc.matchAll(/```sh\n([\s\S]*?)```/g)].map((m) => m[1].trim());
+  const serverLine = samples.find((s) => s.startsWith("deno run -A server.ts"))!;
+  const curls = samples.filter((s) => s.startsWith("curl "));
+  assert.equal(curls.length, 2);
+  // The documented flags, on free ports (startServerProcess adds --port 0).
+  const args = serverLine.replace("deno run -A server.ts", "").trim().split(/\s+/)
+    .map((a) => a.replace(":7655", ":0"));
+  const token = "doc-token";
+  for (const [i, curl] of curls.entries()) {
+    const env = i === 0 ? undefined : { TCPNETLOCK_AUTH_TOKEN: token };
+    await using proc = await startServerProcess(args, { env });
+    const port = /:(\d+)\s*$/.exec((await proc.waitForLog(/http listening on/)).trim())![1];
+    const out = await new Deno.Command("sh", {
+      args: ["-c", `timeout 2 ${curl.replace(":7655", `:${port}`)}; true`],
+      env: { TCPNETLOCK_AUTH_TOKEN: token },
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout);
+    assert.match(text, /^event: reset\ndata: \{"t":\d+/, curl);
+    assert.match(text, /event: stats\ndata: /, curl);
+  }
 });
