@@ -74,12 +74,11 @@ button { cursor: pointer; background: var(--card); }
 #shown { color: var(--muted); font-size: 0.9rem; min-width: 10em; }
 #locks {
   list-style: none; margin: 0 0 1.5rem; padding-block: 0;
-  display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 21rem), 1fr));
-  gap: 0.6rem; align-items: start;
+  display: flex; flex-wrap: wrap; gap: 0.6rem; align-items: flex-start;
 }
 .lock {
   background: var(--card); border: 1px solid var(--line); border-radius: 0.45rem;
-  padding: 0.5rem 0.7rem; min-width: 0;
+  padding: 0.5rem 0.7rem; min-width: 0; flex: 1 1 21rem; max-width: min(100%, 40rem);
   content-visibility: auto; contain-intrinsic-size: auto 7rem;
 }
 .lock > .top { display: flex; align-items: baseline; gap: 0.5rem; }
@@ -90,10 +89,11 @@ button { cursor: pointer; background: var(--card); }
 .cap { font-size: 0.85rem; color: var(--muted); white-space: nowrap; }
 .lock ul, .lock ol { list-style: none; margin: 0.3rem 0 0; padding: 0; }
 .lock li { padding: 0.15rem 0; border-top: 1px dashed var(--line); overflow-wrap: anywhere; }
+.lock p { margin: 0.3rem 0 0; }
 .lock li:first-child { border-top: 0; }
 .who { font-weight: 600; }
 .who, .remote { display: inline-block; max-width: 100%; overflow-wrap: anywhere; }
-.remote, .meta, .more, .free { color: var(--muted); font-size: 0.85rem; }
+.remote, .meta, .more, .brief, .free { color: var(--muted); font-size: 0.85rem; }
 .remote { margin-left: 0.4rem; }
 .meta { display: block; }
 .mode { font-size: 0.75rem; border: 1px solid var(--line); border-radius: 0.25rem; padding: 0 0.25rem; margin-left: 0.3rem; }
@@ -181,10 +181,27 @@ button { cursor: pointer; background: var(--card); }
   function until(t) { return '<span class="t" data-to="' + t + '">' + dur(t - now()) + "</span>"; }
   function who(id) { return id ? esc(id) : "<i>no client id</i>"; }
 
+  function topHtml(d) {
+    return '<div class="top"><h2>' + esc(d.name) + '</h2><span class="cap" title="holders of limit">' +
+      d.holders.length + " of " + d.limit + "</span></div>";
+  }
+
+  /** What an off-screen card holds: its name and counts (the details come when it shows). */
+  function shellHtml(d) {
+    var n = d.holders.length;
+    return topHtml(d) + '<p class="brief">' + (n === 0 ? "free" : n + (n === 1 ? " holder" : " holders")) +
+      (d.waiting ? " · " + d.waiting + " waiting" : "") + "</p>";
+  }
+
+  /** The height an off-screen card will take, in rem, so that nothing jumps when it shows. */
+  function estimate(d) {
+    var q = Math.min(d.queue.length, d.waiting);
+    return 2.6 + Math.max(1, d.holders.length) * 2.4 +
+      (d.waiting ? 1.6 + q * 2.4 + (d.waiting > q ? 1.4 : 0) : 0);
+  }
+
   function cardHtml(d) {
-    var full = d.holders.length >= d.limit;
-    var h = '<div class="top"><h2>' + esc(d.name) + '</h2><span class="cap' + (full ? " full" : "") +
-      '" title="holders of limit">' + d.holders.length + " of " + d.limit + "</span></div>";
+    var h = topHtml(d);
     if (d.holders.length === 0) h += '<p class="free">free, handing over</p>';
     else {
       h += '<ul aria-label="Holders">';
@@ -231,8 +248,21 @@ button { cursor: pointer; background: var(--card); }
   }
 
   function fill(c, d) {
+    c.data = d;
     c.search = searchText(d);
     c.el.hidden = filter !== "" && c.search.indexOf(filter) < 0;
+  }
+
+  /** Shows a card in full (it is on screen), or as a light shell (off screen). */
+  function draw(c) {
+    if (visible.has(c.el)) {
+      c.el.innerHTML = cardHtml(c.data);
+      c.full = true;
+    } else {
+      c.el.innerHTML = shellHtml(c.data);
+      c.el.style.containIntrinsicSize = "auto " + estimate(c.data).toFixed(1) + "rem";
+      c.full = false;
+    }
   }
 
   /** Updates the cards of known names in place; makes the new ones with one parse. */
@@ -241,8 +271,8 @@ button { cursor: pointer; background: var(--card); }
     for (var i = 0; i < ds.length; i++) {
       var d = ds[i], c = cards.get(d.name);
       if (c) {
-        c.el.innerHTML = cardHtml(d);
         fill(c, d);
+        draw(c);
       } else if (!taken.has(d.name)) {
         taken.add(d.name);
         fresh.push(d);
@@ -250,7 +280,11 @@ button { cursor: pointer; background: var(--card); }
     }
     if (fresh.length === 0) return;
     fresh.sort(function (a, b) { return a.name < b.name ? -1 : a.name > b.name ? 1 : 0; });
-    for (var j = 0; j < fresh.length; j++) html += '<li class="lock">' + cardHtml(fresh[j]) + "</li>";
+    // New cards start as shells; those on screen are drawn in full as soon as they show.
+    for (var j = 0; j < fresh.length; j++) {
+      html += '<li class="lock" style="contain-intrinsic-size: auto ' +
+        estimate(fresh[j]).toFixed(1) + 'rem">' + shellHtml(fresh[j]) + "</li>";
+    }
     var tpl = document.createElement("template");
     tpl.innerHTML = html;
     var els = Array.prototype.slice.call(tpl.content.children);
@@ -259,7 +293,7 @@ button { cursor: pointer; background: var(--card); }
     for (var k = 0; k < fresh.length; k++) {
       var el = els[k], name = fresh[k].name;
       el.setAttribute("data-name", name);
-      var card = { el: el, search: "" };
+      var card = { el: el, search: "", data: null, full: false };
       cards.set(name, card);
       fill(card, fresh[k]);
       var p = place(name);
@@ -350,12 +384,21 @@ button { cursor: pointer; background: var(--card); }
     });
   }
 
+  // Which cards are on screen (with a margin): only those are drawn in full and ticked.
   var seen = new IntersectionObserver(function (entries) {
+    var t0 = performance.now(), drawn = 0;
     for (var i = 0; i < entries.length; i++) {
-      if (entries[i].isIntersecting) visible.add(entries[i].target);
-      else visible.delete(entries[i].target);
+      var el = entries[i].target;
+      if (!entries[i].isIntersecting) { visible.delete(el); continue; }
+      visible.add(el);
+      var c = cards.get(el.getAttribute("data-name"));
+      if (c && c.el === el && !c.full) { draw(c); drawn++; }
     }
-  });
+    if (drawn > 0) {
+      void list.offsetHeight;
+      performance.measure("tnl-render", { start: t0, end: performance.now(), detail: "show" });
+    }
+  }, { rootMargin: "200px 0px" });
 
   function handle(event, data) {
     if (typeof data.t === "number") offset = data.t - Date.now();
