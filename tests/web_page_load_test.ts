@@ -22,8 +22,8 @@ if (ignore) console.warn(`web_page_load_test: skipped${skipNote}`);
 
 const NAMES = 1000;
 const WAITERS_PER_NAME = 5;
-const PINGS_PER_ROUND = 600;
-const ROUNDS = 4;
+const PINGS_PER_ROUND = 500;
+const ROUNDS = 5;
 /** A pause before each measurement, so that each condition is measured in its steady state. */
 const SETTLE_MS = 1000;
 

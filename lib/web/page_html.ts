@@ -136,7 +136,7 @@ button { cursor: pointer; background: var(--card); }
   <div class="toolbar" role="search">
     <label for="q">Filter</label>
     <input id="q" type="search" placeholder="lock name or client id  ( / )" autocomplete="off" aria-describedby="shown">
-    <span id="shown" aria-live="polite"></span>
+    <span id="shown"></span>
   </div>
   <h2 class="sr">Locks</h2>
   <ol id="locks"></ol>
