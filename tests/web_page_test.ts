@@ -7,6 +7,7 @@
 
 import assert from "node:assert/strict";
 import { chromiumPath, launchBrowser, type Page, skipNote } from "./_util/browser.ts";
+import { hasEtcd, sharedEtcd } from "./etcd_util.ts";
 import { RawClient, startServerProcess } from "./test_util.ts";
 import type { ServerProcess } from "./test_util.ts";
 
@@ -272,6 +273,32 @@ Deno.test({
     assert.equal(await page.$eval("#auth", (e) => (e as unknown as HTMLElement).hidden), true);
     assert.ok(!urls.some((u) => u.includes(token)), `token in a URL: ${urls.join(" ")}`);
     assert.ok(held);
+    await page.close();
+  },
+});
+
+Deno.test({
+  name: `with the etcd store the page of one server shows the locks taken on another${skipNote}`,
+  ignore: ignore || !(await hasEtcd()),
+  async fn() {
+    const endpoints = (await sharedEtcd()).join(",");
+    const prefix = `/tcpnetlock-test/page-${crypto.randomUUID().slice(0, 8)}`;
+    const etcdArgs = ["--store", "etcd", "--etcd-endpoints", endpoints, "--etcd-prefix", prefix];
+    await using a = await startWebServer(etcdArgs);
+    await using b = await startServerProcess(etcdArgs);
+    await using browser = await launchBrowser();
+    const { page, errors } = await browser.page();
+    await page.goto(a.base);
+    await waitState(page, "live");
+    assert.match(await page.$eval("#server", (e) => e.textContent ?? ""), /etcd store/);
+    await using _h = await take(b.port, "lock,name:on-b,client-id:holder-b", /^ok$/);
+    await using _w = await take(
+      b.port,
+      "lock,name:on-b,client-id:waiter-b,wait:30",
+      /^queued,position:1$/,
+    );
+    await waitCard(page, "on-b", ["holder-b", "waiter-b"], 2000);
+    assert.deepEqual(errors, []);
     await page.close();
   },
 });
