@@ -58,6 +58,17 @@ await lock("lock,name:search-reindex,client-id:indexer-2");
 await lock("lock,name:search-reindex,client-id:indexer-5,wait:300");
 await lock("lock,name:cache-warmup,client-id:web-01");
 await lock("lock,name:invoice-run-2026-12,client-id:billing@batch-2");
+// A little traffic goes on while the pictures are taken (on names that do not stay held).
+let traffic = true;
+const background = (async () => {
+  for (let k = 0; traffic; k++) {
+    const c = await RawClient.connect(port);
+    await c.request(`lock,name:report-${k % 2},client-id:worker-${k % 5},wait:0.1`);
+    await c.request("release");
+    c.close();
+    await new Promise((r) => setTimeout(r, 120));
+  }
+})();
 await new Promise((r) => setTimeout(r, 4000));
 
 await Deno.mkdir(`${ROOT}docs/img`, { recursive: true });
@@ -67,5 +78,7 @@ await page.emulateMediaFeatures([{ name: "prefers-color-scheme", value: "dark" }
 await page.setViewport({ width: 360, height: 760 });
 await new Promise((r) => setTimeout(r, 500));
 await page.screenshot({ path: `${ROOT}docs/img/page-narrow-dark.png` as `${string}.png` });
+traffic = false;
+await background;
 for (const c of held) c.close();
 console.log("wrote docs/img/page.png and docs/img/page-narrow-dark.png");
