@@ -254,3 +254,24 @@ Deno.test("docs/web.md: its server command and its curl commands work as written
     assert.match(text, /event: stats\ndata: /, curl);
   }
 });
+
+Deno.test("a page that does not read is dropped once its backlog passes the limit", async () => {
+  await using srv = await startTestServer();
+  const feed = new LiveFeed(srv.server, { intervalMs: 0, maxBufferedBytes: 4096 });
+  const res = feed.respond(new Request("http://x/events"));
+  const clients: RawClient[] = [];
+  try {
+    // Nobody reads the body; changes pile up until the feed gives up on it.
+    for (let i = 0; i < 200 && feed.clients > 0; i++) {
+      const c = await RawClient.connect(srv.port);
+      clients.push(c);
+      assert.equal(await c.request(`lock,name:pile-${i},client-id:c${i}`), "ok");
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    assert.equal(feed.clients, 0);
+    await assert.rejects(res.body!.getReader().read());
+  } finally {
+    for (const c of clients) c.close();
+    feed.close();
+  }
+});

@@ -77,6 +77,8 @@ interface Client {
 
 const encoder = new TextEncoder();
 const SAMPLE_MS = 1000;
+/** The stream's queue size the feed aims under (bytes). */
+const HIGH_WATER = 64 * 1024;
 
 /**
  * The Server-Sent Events feed of one HTTP server (see the module doc).
@@ -158,7 +160,7 @@ export class LiveFeed {
       cancel: () => {
         if (client !== undefined) this.#drop(client, false);
       },
-    }, new ByteLengthQueuingStrategy({ highWaterMark: 64 * 1024 }));
+    }, new ByteLengthQueuingStrategy({ highWaterMark: HIGH_WATER }));
     // A page that goes away cancels the body (the server sees it at the latest when the next
     // write fails: a `stats` event goes out every second).
     return new Response(body, { headers });
@@ -358,8 +360,16 @@ export class LiveFeed {
       return;
     }
     // A page that does not read: drop it rather than keep its backlog (it starts over).
+    // Its backlog goes too: the stream errors, which ends the response.
     const size = client.controller.desiredSize;
-    if (size !== null && size < -this.#maxBuffered) this.#drop(client, true);
+    if (size !== null && HIGH_WATER - size > this.#maxBuffered) {
+      this.#drop(client, false);
+      try {
+        client.controller.error(new Error("the page did not read its events"));
+      } catch {
+        // already closed
+      }
+    }
   }
 }
 
