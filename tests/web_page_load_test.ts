@@ -6,8 +6,9 @@
  *
  * The `.ping` comparison is made against the same browser on `about:blank` (so the browser's
  * own CPU is in both), in interleaved rounds, comparing the medians of the rounds' p99s: the
- * machine is a noisy 2-CPU one, shared with other work. A comparison that fails is made once
- * more before the test fails (noise rarely strikes twice the same way); both are printed.
+ * machine is a noisy 2-CPU one, shared with other work (and with the rest of the suite, which
+ * runs in parallel). A measurement that fails is made again, up to three in all, before the
+ * test fails (a stall of the machine rarely strikes each time); each is printed.
  */
 
 import assert from "node:assert/strict";
@@ -26,6 +27,8 @@ const PINGS_PER_ROUND = 500;
 const ROUNDS = 5;
 /** A pause before each measurement, so that each condition is measured in its steady state. */
 const SETTLE_MS = 1000;
+/** Measurements made before the test gives up (each takes some 15 s). */
+const ATTEMPTS = 3;
 
 /** One name's connections: the holder, then its waiters in queue order. */
 interface Name {
@@ -180,8 +183,9 @@ Deno.test({
         return { ratio, updates, slow };
       };
 
+      // Up to ATTEMPTS times: a stall of the machine (not of the page) rarely strikes each time.
       let result = await attempt();
-      if (result.ratio > 1.2 || result.slow.length > 0) {
+      for (let a = 1; a < ATTEMPTS && (result.ratio > 1.2 || result.slow.length > 0); a++) {
         console.log("once more (a noisy machine)");
         result = await attempt();
       }
