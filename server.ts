@@ -51,10 +51,13 @@ export type {
   ClaimState,
   ClaimView,
   EndReason,
+  HolderDetail,
+  LockDetail,
   LockStore,
   Refusal,
   StoreCounters,
   StoreEvent,
+  WaiterDetail,
 } from "./lib/store/types.ts";
 export type { TokenSource } from "./lib/tokens.ts";
 export type { EtcdClientOptions } from "./lib/etcd/client.ts";

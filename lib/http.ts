@@ -8,8 +8,10 @@
  * | `/healthz` | `200 ok`: the process is up |
  * | `/readyz` | `200 ok` when the lock port answers `.ping` with `pong`, else `503` |
  * | `/locks` | the JSON array `.locks` answers |
+ * | `/` | the live page of the locks (`lib/web/page.ts`, docs/web.md) |
+ * | `/events` | the page's Server-Sent Events (`lib/web/events.ts`) |
  *
- * With an auth token, `/metrics` and `/locks` want `Authorization: Bearer TOKEN` (`401`
+ * With an auth token, `/metrics`, `/locks` and `/events` want `Authorization: Bearer TOKEN` (`401`
  * otherwise); the probes stay open. Other paths get `404`, methods other than GET and HEAD `405`.
  * The HTTP server stops by itself when the lock server stops.
  *
@@ -17,9 +19,12 @@
  */
 
 import { tokenMatcher } from "./auth.ts";
+import { EtcdStore } from "./etcd/store.ts";
 import { getLogger, startupLog } from "./log.ts";
 import { LockMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import { ListenError, type LockServer } from "./server.ts";
+import { LiveFeed } from "./web/events.ts";
+import { pageResponse } from "./web/page.ts";
 
 /** What the HTTP server reads from the lock server. */
 export type HttpSource = Pick<
@@ -35,7 +40,7 @@ export interface HttpServerOptions {
   port: number;
   /** The metrics to serve; they must be the `onEvent` of the lock server (default: fresh ones). */
   metrics?: LockMetrics;
-  /** When set, `/metrics` and `/locks` want `Authorization: Bearer TOKEN`. */
+  /** When set, `/metrics`, `/locks` and `/events` want `Authorization: Bearer TOKEN`. */
   authToken?: string;
   /** The lock port speaks TLS: `/readyz` then only checks that it accepts a TCP connection. */
   tls?: boolean;
@@ -114,6 +119,9 @@ export function startHttpServer(
     ? undefined
     : makeBearerCheck(options.authToken);
   const readyTimeoutMs = Math.max(1, (options.readyTimeout ?? 2) * 1000);
+  const feed = new LiveFeed(lock, {
+    store: lock.table instanceof EtcdStore ? "etcd" : "memory",
+  });
 
   const handle = async (req: Request, peer: string): Promise<Response> => {
     const path = new URL(req.url).pathname;
@@ -144,6 +152,10 @@ export function startHttpServer(
         });
       case "/healthz":
         return text(200, "ok");
+      case "/":
+        return pageResponse({ auth: authorized !== undefined }, req.method === "HEAD");
+      case "/events":
+        return feed.respond(req);
       case "/readyz": {
         const problem = await probeLockServer(lock, options.tls ?? false, readyTimeoutMs);
         if (problem === undefined) return text(200, "ok");
@@ -191,6 +203,8 @@ export function startHttpServer(
   });
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {
+    // The pages' event streams end first: shutdown waits for every response to finish.
+    feed.close();
     closing ??= server.shutdown().then(() => {
       log.info("HTTP stopped", { event: "http_stopped" });
     });
@@ -217,6 +231,8 @@ interface Route {
 const ROUTES = new Map<string, Route>([
   ["/metrics", { private: true }],
   ["/locks", { private: true }],
+  ["/events", { private: true }],
+  ["/", { private: false }],
   ["/healthz", { private: false }],
   ["/readyz", { private: false }],
 ]);

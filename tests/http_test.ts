@@ -299,9 +299,15 @@ Deno.test("/locks and /metrics are open when no auth token is configured", async
 
 Deno.test("unknown paths get 404, methods other than GET and HEAD get 405", async () => {
   await using h = await startWithHttp({ authToken: "t0ken" });
-  for (const path of ["/", "/nope", "/metrics/", "/healthz/x"]) {
+  for (const path of ["/index.html", "/nope", "/metrics/", "/healthz/x", "/events/"]) {
     assert.deepEqual((await get(`${h.base}${path}`)).status, 404, path);
   }
+  // "/" is the live page (docs/web.md).
+  const page = await get(`${h.base}/`);
+  assert.deepEqual([page.status, page.headers.get("content-type")], [
+    200,
+    "text/html; charset=utf-8",
+  ]);
   for (const method of ["POST", "PUT", "DELETE"]) {
     const res = await get(`${h.base}/metrics`, { method });
     assert.deepEqual(res.status, 405, method);

@@ -48,6 +48,7 @@ import {
   type ClaimRequest,
   type ClaimState,
   type ClaimView,
+  type LockDetail,
   STORE_UNAVAILABLE,
 } from "../store/types.ts";
 import { type EtcdApi, EtcdClient, type EtcdClientOptions, type KeyValue } from "./client.ts";
@@ -179,7 +180,10 @@ export class EtcdStore extends BookStore<EtcdExt> {
     const ttlMs = this.#lease.ttl * 1000;
     this.#mirror = new EtcdMirror(this.#etcd, this.#clock, {
       changed: (names) => {
-        for (const name of names) this.#evaluate(name);
+        for (const name of names) {
+          this.#evaluate(name);
+          this.changed(name);
+        }
       },
       put: (key) => {
         if (this.#isStray(key)) this.#deleteStray(key);
@@ -310,6 +314,47 @@ export class EtcdStore extends BookStore<EtcdExt> {
       });
     }
     return out;
+  }
+
+  names(): Iterable<string> {
+    return Array.from(this.#mirror.names(), ([name]) => name);
+  }
+
+  /** One name as the mirror has it (every server's keys); lease and wait ends of this server's. */
+  detail(name: string, maxQueue: number): LockDetail | undefined {
+    const recs = this.#mirror.records(name);
+    if (recs.length === 0) return undefined;
+    const held = holdingPrefix(recs);
+    return {
+      name,
+      limit: recs[0].info.limit,
+      waiting: recs.length - held,
+      holders: recs.slice(0, held).map((r) => {
+        const mine = this.#byKey.get(r.key);
+        const local = mine !== undefined && mine.state === "holding";
+        return {
+          client_id: r.info.client_id,
+          token: local ? mine.token : tokenOf(r.info.granted ? r.modRev : r.rev, r.info.slot),
+          since: local ? new Date(mine.grantedWall).toISOString() : r.info.since,
+          remote: r.info.remote,
+          mode: modeOf(r.info),
+          expires: local ? this.wallOf(mine.deadline) : undefined,
+        };
+      }),
+      queue: recs.slice(held, held + maxQueue).map((r, i) => {
+        const mine = this.#byKey.get(r.key);
+        return {
+          position: i + 1,
+          client_id: r.info.client_id,
+          remote: r.info.remote,
+          mode: modeOf(r.info),
+          since: r.info.since,
+          gives_up: mine !== undefined && mine.state === "waiting"
+            ? this.wallOf(mine.deadline)
+            : undefined,
+        };
+      }),
+    };
   }
 
   // --- A request's way in

@@ -13,6 +13,7 @@ import type {
   ClaimState,
   ClaimView,
   EndReason,
+  LockDetail,
   LockStore,
   StoreCounters,
 } from "./types.ts";
@@ -34,7 +35,37 @@ export abstract class BookStore<X> implements LockStore {
 
   /** @param options the book's options (clock, limits, events) */
   constructor(options: ClaimBookOptions) {
-    this.book = new ClaimBook<X>({ left: (c, from, why) => this.left(c, from, why) }, options);
+    const onEvent = options.onEvent;
+    this.book = new ClaimBook<X>({ left: (c, from, why) => this.left(c, from, why) }, {
+      ...options,
+      onEvent: (event) => {
+        onEvent?.(event);
+        if (this.#watchers.size > 0) this.changed(event.claim.request.name);
+      },
+    });
+  }
+
+  readonly #watchers = new Set<(name: string) => void>();
+
+  /** Tells the watchers (the live page) that `name` may have changed. */
+  protected changed(name: string): void {
+    for (const w of this.#watchers) w(name);
+  }
+
+  watch(listener: (name: string) => void): () => void {
+    // A wrapper per call: the same listener may watch twice.
+    const w = (name: string) => listener(name);
+    this.#watchers.add(w);
+    return () => {
+      this.#watchers.delete(w);
+    };
+  }
+
+  /** Wall-clock ms of a monotonic deadline of the book's clock (undefined: none). */
+  protected wallOf(deadline: number): number | undefined {
+    if (!Number.isFinite(deadline)) return undefined;
+    const clock = this.book.clock;
+    return Math.round(clock.wallNow() + (deadline - clock.now()));
   }
 
   /**
@@ -49,6 +80,8 @@ export abstract class BookStore<X> implements LockStore {
 
   abstract acquire(request: ClaimRequest, handler: ClaimHandler): ClaimView;
   abstract snapshot(): LockInfo[];
+  abstract names(): Iterable<string>;
+  abstract detail(name: string, maxQueue: number): LockDetail | undefined;
   abstract settled(): Promise<void>;
   abstract start(): Promise<void>;
   abstract close(): Promise<void>;

@@ -16,6 +16,7 @@ import {
   type ClaimHandler,
   type ClaimRequest,
   type ClaimView,
+  type LockDetail,
   STORE_UNAVAILABLE,
 } from "./types.ts";
 
@@ -118,6 +119,37 @@ export class MemoryStore extends BookStore<undefined> {
       });
     }
     return out;
+  }
+
+  names(): Iterable<string> {
+    return Array.from(this.book.entries(), (e) => e.name);
+  }
+
+  detail(name: string, maxQueue: number): LockDetail | undefined {
+    const entry = this.book.entry(name);
+    const any = entry === undefined ? undefined : first(entry);
+    if (entry === undefined || any === undefined) return undefined;
+    return {
+      name,
+      limit: any.request.limit,
+      waiting: entry.waiters.length,
+      holders: [...entry.holders].map((c) => ({
+        client_id: c.request.clientId,
+        token: c.token,
+        since: new Date(c.grantedWall).toISOString(),
+        remote: c.request.remote,
+        mode: modeOf(c.request),
+        expires: this.wallOf(c.deadline),
+      })),
+      queue: entry.waiters.slice(0, maxQueue).map((c, i) => ({
+        position: i + 1,
+        client_id: c.request.clientId,
+        remote: c.request.remote,
+        mode: modeOf(c.request),
+        since: new Date(this.wallOf(c.requestedAt) ?? 0).toISOString(),
+        gives_up: this.wallOf(c.deadline),
+      })),
+    };
   }
 
   /** Takes the token first: a state file that cannot be written refuses the claim. */

@@ -6,7 +6,7 @@
  * @module
  */
 
-import type { LockInfo } from "../protocol.ts";
+import type { HolderInfo, LockInfo } from "../protocol.ts";
 
 /**
  * The refusal of a store that cannot do its part right now: the etcd store while etcd is
@@ -108,6 +108,42 @@ export interface StoreCounters {
   refused: number;
 }
 
+/** One holder of a name, as the live page shows it. */
+export interface HolderDetail extends HolderInfo {
+  /** Wall-clock ms at which its lease (`ttl`) runs out, when this server knows it. */
+  expires?: number;
+}
+
+/** One waiter of a name, as the live page shows it. */
+export interface WaiterDetail {
+  /** Its place in the queue, 1 = next in line. */
+  position: number;
+  /** The client id, `""` when none was given. */
+  client_id: string;
+  /** The waiter's address as its server saw it. */
+  remote: string;
+  /** What it asks for: `shared` (a reader) or `exclusive`. */
+  mode?: "shared" | "exclusive";
+  /** When it started to wait, ISO 8601 in UTC. */
+  since: string;
+  /** Wall-clock ms at which its wait runs out, when this server knows it. */
+  gives_up?: number;
+}
+
+/** One name's holders and the head of its queue, for the live page (`GET /events`). */
+export interface LockDetail {
+  /** The lock name. */
+  name: string;
+  /** How many may hold it at once. */
+  limit: number;
+  /** How many wait (all of them, also those past `queue`). */
+  waiting: number;
+  /** Who holds it, in grant order. */
+  holders: HolderDetail[];
+  /** The first waiters, in queue order. */
+  queue: WaiterDetail[];
+}
+
 /**
  * A lock store: where the locks live (this process's memory, or etcd) and when they change.
  * Both stores keep a claim's life in one shared claim book, so they answer alike.
@@ -142,6 +178,18 @@ export interface LockStore {
   renew(claim: ClaimView): void;
   /** What `.locks` shows. */
   snapshot(): LockInfo[];
+  /** Every name held or waited on (with etcd: by any server), for the live page. */
+  names(): Iterable<string>;
+  /**
+   * One name's holders and its first `maxQueue` waiters, for the live page; undefined when
+   * nobody holds or waits on it.
+   */
+  detail(name: string, maxQueue: number): LockDetail | undefined;
+  /**
+   * Calls `listener` with a name whenever its holders or queue may have changed (with etcd: by
+   * any server); returns the function that stops it. Calls can repeat a name.
+   */
+  watch(listener: (name: string) => void): () => void;
   /** Resolves once `snapshot()` reflects every change this server made (bounded in time). */
   settled(): Promise<void>;
   /** The monotonic ms of this server's longest-held grant, or undefined. */

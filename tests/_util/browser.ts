@@ -1,0 +1,79 @@
+/**
+ * A real headless browser for the live page's tests: Debian's Chromium (`/usr/bin/chromium`, or
+ * `TCPNETLOCK_CHROMIUM`) driven by puppeteer-core from npm. Nothing is downloaded: without the
+ * executable, {@linkcode chromiumPath} is undefined and the tests skip with a message.
+ */
+
+import puppeteer from "npm:puppeteer-core@24.43.1";
+import type { Browser, ConsoleMessage, Page } from "npm:puppeteer-core@24.43.1";
+
+export type { Browser, Page };
+
+/** The Chromium executable, or undefined when this machine has none. */
+export const chromiumPath: string | undefined = (() => {
+  const path = Deno.env.get("TCPNETLOCK_CHROMIUM") ?? "/usr/bin/chromium";
+  try {
+    return Deno.statSync(path).isFile ? path : undefined;
+  } catch {
+    return undefined;
+  }
+})();
+
+/** Why browser tests skip, for the test's name (empty when they run). */
+export const skipNote: string = chromiumPath === undefined
+  ? " (SKIPPED: no Chromium at /usr/bin/chromium; apt-get install chromium)"
+  : "";
+
+/** A browser with its own fresh profile, gone (with the profile) on dispose. */
+export interface TestBrowser extends AsyncDisposable {
+  browser: Browser;
+  /** A new tab that records console errors and uncaught exceptions in `errors`. */
+  page(): Promise<{ page: Page; errors: string[] }>;
+}
+
+/** Launches Chromium headless with a fresh profile directory. */
+export async function launchBrowser(): Promise<TestBrowser> {
+  if (chromiumPath === undefined) throw new Error("no Chromium on this machine");
+  const profile = await Deno.makeTempDir({ prefix: "tnl-chromium-" });
+  let browser: Browser;
+  try {
+    browser = await puppeteer.launch({
+      executablePath: chromiumPath,
+      headless: true,
+      pipe: true,
+      args: [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        `--user-data-dir=${profile}`,
+      ],
+      defaultViewport: { width: 1200, height: 800 },
+      timeout: 30_000,
+    });
+  } catch (err) {
+    await Deno.remove(profile, { recursive: true }).catch(() => {});
+    throw err;
+  }
+  return {
+    browser,
+    async page() {
+      const page = await browser.newPage();
+      const errors: string[] = [];
+      page.on("console", (msg: ConsoleMessage) => {
+        if (msg.type() === "error") errors.push(`console: ${msg.text()}`);
+      });
+      page.on("pageerror", (err: unknown) => errors.push(`pageerror: ${String(err)}`));
+      return { page, errors };
+    },
+    async [Symbol.asyncDispose]() {
+      await browser.close().catch(() => {});
+      await Deno.remove(profile, { recursive: true }).catch(() => {});
+    },
+  };
+}
