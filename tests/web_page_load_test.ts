@@ -6,8 +6,8 @@
  *
  * The `.ping` comparison is made against the same browser on `about:blank` (so the browser's
  * own CPU is in both), in interleaved rounds, comparing the medians of the rounds' p99s: the
- * machine is a noisy 2-CPU one, shared with other work (and with the rest of the suite, which
- * runs in parallel). A measurement that fails is made again, up to three in all, before the
+ * machine is a noisy 2-CPU one, shared with other work; `deno task test` runs this file alone,
+ * after the parallel suite, so that the other tests are not what it measures. A measurement that fails is made again, up to three in all, before the
  * test fails (a stall of the machine rarely strikes each time); each is printed.
  */
 
