@@ -23,6 +23,7 @@ import {
   Reply,
   type Request,
 } from "./protocol.ts";
+import { MultiSession } from "./session_v3.ts";
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -32,6 +33,10 @@ export interface SessionHost {
   /** Is this the configured auth token? (Only called when one is configured.) */
   readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
   readonly allowRemoteShutdown: boolean;
+  /** Most live ids per session (`--max-session-locks`). */
+  readonly maxSessionLocks: number;
+  /** False: answer `session` with `bad-action`, as a version 2 server does. */
+  readonly sessions: boolean;
   statsJson(): string;
   /** `.locks` (a promise when the store first catches up with its own writes). */
   locksJson(): string | Promise<string>;
@@ -116,6 +121,8 @@ export class Session implements ClaimHandler {
   #reading = false;
   /** Set once a last reply is on its way. */
   #finishing: Promise<void> | undefined;
+  /** Set when the connection became a session (version 3, `session_v3.ts`). */
+  #multi: MultiSession | undefined;
 
   constructor(conn: Conn, host: SessionHost) {
     this.#conn = conn;
@@ -166,6 +173,7 @@ export class Session implements ClaimHandler {
   /** Ends the session from outside (server shutdown): the lock is freed, the socket closed. */
   shutdown(): void {
     this.#endReason = "shutdown";
+    this.#multi?.shutdown();
     this.#close();
   }
 
@@ -276,6 +284,24 @@ export class Session implements ClaimHandler {
     switch (req.action) {
       case Action.LOCK:
         return this.#lock(req);
+      case Action.SESSION: {
+        if (!host.sessions) break;
+        const opening = MultiSession.parseOpening(req);
+        if (typeof opening === "string") {
+          await this.#finish(opening);
+          return false;
+        }
+        this.#multi = new MultiSession(
+          this.#conn,
+          this.#reader!,
+          host,
+          this.remote,
+          opening.clientId,
+          opening.ttl,
+        );
+        await this.#multi.run();
+        return false;
+      }
       case Action.PING:
         await this.#finish(Reply.PONG);
         return false;
@@ -298,10 +324,9 @@ export class Session implements ClaimHandler {
         await this.#finish(Reply.SHUTTING_DOWN);
         host.requestShutdown(this.remote);
         return false;
-      default:
-        await this.#finish(Reply.BAD_ACTION);
-        return false;
     }
+    await this.#finish(Reply.BAD_ACTION);
+    return false;
   }
 
   #lock(req: Request): boolean | Promise<boolean> {
