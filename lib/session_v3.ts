@@ -273,7 +273,7 @@ export class MultiSession {
   #lock(req: Request): void {
     const id = this.#id(req);
     if (id === undefined) return;
-    const fail = (reason: string) => this.reply(`${Reply.ERR},${reason}`, id);
+    const fail = (reason: string) => this.#replyInOrder(`${Reply.ERR},${reason}`, id);
     if (this.#entries.has(id)) return fail(ErrorReason.DUPLICATE_ID);
     const p = req.params;
     const name = p.get("name") ?? "";
@@ -321,20 +321,30 @@ export class MultiSession {
     if (id === undefined) return;
     const entry = this.#entries.get(id);
     if (entry === undefined) {
-      this.reply(`${Reply.ERR},${ErrorReason.UNKNOWN_ID}`, id);
+      this.#replyInOrder(`${Reply.ERR},${ErrorReason.UNKNOWN_ID}`, id);
       return;
     }
     this.#entries.delete(id);
     this.#moved.delete(entry);
     entry.state = "done";
-    const claim = entry.claim as ClaimView | undefined;
-    // `released` goes once the lock is free in the store (for etcd: once the key is gone).
-    const done = (claim === undefined ? Promise.resolve() : this.#host.table.end(claim, reason))
-      .then(() => {
-        if (this.#ending.get(id) === done) this.#ending.delete(id);
-        this.reply(word, id);
-      }, () => this.close());
+    // `released` goes once the lock is free in the store (for etcd: once the key is gone), and
+    // after the replies owed to the id before it.
+    const before = this.#ending.get(id) ?? Promise.resolve();
+    const done: Promise<void> = before.then(() => {
+      const claim = entry.claim as ClaimView | undefined;
+      return claim === undefined ? undefined : this.#host.table.end(claim, reason);
+    }).then(() => {
+      if (this.#ending.get(id) === done) this.#ending.delete(id);
+      this.reply(word, id);
+    }, () => this.close());
     this.#ending.set(id, done);
+  }
+
+  /** A reply to `id` that must come after the `released` / `cancelled` still owed to it. */
+  #replyInOrder(text: string, id: string): void {
+    const ending = this.#ending.get(id);
+    if (ending === undefined) this.reply(text, id);
+    else ending.then(() => this.reply(text, id));
   }
 
   // --- The lease.

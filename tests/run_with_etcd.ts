@@ -29,6 +29,7 @@ const status = await new Deno.Command(Deno.execPath(), {
     "--parallel",
     `${root}tests/protocol_v1_test.ts`,
     `${root}tests/protocol_v2_test.ts`,
+    `${root}tests/protocol_v3_test.ts`,
   ],
   env: { TCPNETLOCK_TEST_STORE: "etcd" },
   stdin: "null",
