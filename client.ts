@@ -59,6 +59,7 @@ import {
   type Stats,
 } from "./lib/protocol.ts";
 import { LineReader, type LineResult } from "./lib/lines.ts";
+import { type OpenResult, SessionLink, type SessionLock } from "./lib/client_session.ts";
 import {
   ConnectionLostError,
   InvalidClientIdError,
@@ -105,6 +106,15 @@ const DEFAULT_CONNECT_TIMEOUT = 10_000;
 /** Seconds above this are surely a mistake (and would print in exponent notation). */
 const MAX_SECONDS = 1e12;
 
+/**
+ * How a {@linkcode LockClient} carries its locks:
+ * - `"session"`: every lock over one shared connection (a protocol version 3 session);
+ * - `"connection"`: one connection per lock (protocol versions 1 and 2, any server);
+ * - `"auto"` (the default): a session, or one connection per lock against a server that does not
+ *   know sessions (it answers `session` with `bad-action`).
+ */
+export type LockTransport = "auto" | "session" | "connection";
+
 /** Where and how a {@linkcode LockClient} connects. Every field is optional. */
 export interface LockClientOptions {
   /**
@@ -135,6 +145,14 @@ export interface LockClientOptions {
    * does. It also bounds how long {@linkcode HeldLock.release} waits for the server to confirm.
    */
   connectTimeout?: number;
+  /**
+   * How locks travel: `"auto"` (default) takes them all over one session (one connection shared
+   * by every lock of this client, opened at the first lock, opened again after it drops), and
+   * falls back to one connection per lock against an older server; `"session"` insists on a
+   * session (an older server gives {@linkcode ProtocolError}); `"connection"` opens one
+   * connection per lock, as tcpnetlock 0.1 clients do. See `docs/sessions.md`.
+   */
+  transport?: LockTransport;
 }
 
 /** How to take one lock: {@linkcode LockClient.lock}. Every field is optional. */
@@ -293,7 +311,16 @@ export class LockClient implements AsyncDisposable {
   readonly #authToken: string | undefined;
   readonly #connectTimeout: number;
   readonly #closing = new AbortController();
-  readonly #held = new Set<Holding>();
+  readonly #held = new Set<HeldLock>();
+  readonly #transport: LockTransport;
+  /** Open sessions, by lease (`ttl`/`keepAlive`): locks with the same lease share one. */
+  readonly #links = new Map<string, SessionLink>();
+  readonly #opening = new Map<string, Promise<OpenResult>>();
+  /** Set once the server answered `session` with `bad-action` (auto: one connection per lock). */
+  #noSessions = false;
+  /** Failed session openings in a row, and when the next one may start (back-off). */
+  #openFailures = 0;
+  #retryAt = 0;
 
   /**
    * Checks the options (throws {@linkcode InvalidClientIdError} for a bad client id and
@@ -345,6 +372,13 @@ export class LockClient implements AsyncDisposable {
     }
     this.#connectTimeout = timeout;
     this.tls = options.tls ?? false;
+    const transport = options.transport ?? "auto";
+    if (transport !== "auto" && transport !== "session" && transport !== "connection") {
+      throw new RangeError(
+        `Invalid transport "${transport}": use "auto", "session" or "connection"`,
+      );
+    }
+    this.#transport = transport;
     this.#caCerts = options.caCerts;
     this.server = `${host.includes(":") ? `[${host}]` : host}:${port}`;
   }
@@ -388,6 +422,25 @@ export class LockClient implements AsyncDisposable {
       throw new RangeError(
         `Invalid keepAlive "${keepAlive}": it must be shorter than the ttl of ${ttl} s`,
       );
+    }
+    if (this.#transport !== "connection" && !this.#noSessions) {
+      const signal = this.#signal(options.signal);
+      const every = keepAlive ?? (ttl === undefined ? undefined : ttl / 3);
+      const link = await this.#link(ttl, every, signal, name);
+      if (link !== undefined) {
+        const lock: SessionLock = await link.lock({
+          name,
+          clientId,
+          wait,
+          limit,
+          onQueued,
+          signal,
+          onEnd: (l) => this.#held.delete(l),
+        });
+        const held: HeldLock = lock;
+        this.#held.add(held);
+        return held;
+      }
     }
     const extended = wait !== undefined || ttl !== undefined || limit !== undefined;
     const request = formatRequest(Action.LOCK, {
@@ -653,6 +706,108 @@ export class LockClient implements AsyncDisposable {
       );
     }
     await Promise.all([...this.#held].map((h) => h[Symbol.asyncDispose]()));
+    for (const link of [...this.#links.values()]) link.close();
+    await Promise.allSettled([...this.#opening.values()]);
+  }
+
+  /**
+   * The session for locks with this lease, opened if need be (one opening at a time per lease,
+   * shared by every caller; after failures, the next opening waits a back-off of 100 ms doubling
+   * up to 5 s, at most the connect timeout). `undefined` when the server does not know sessions
+   * and the transport is `"auto"`.
+   */
+  async #link(
+    ttl: number | undefined,
+    keepAlive: number | undefined,
+    signal: AbortSignal,
+    name: string,
+  ): Promise<SessionLink | undefined> {
+    const key = `${ttl ?? ""}/${keepAlive ?? ""}`;
+    for (;;) {
+      const open = this.#links.get(key);
+      if (open !== undefined && !open.closed) return open;
+      let opening = this.#opening.get(key);
+      if (opening === undefined) {
+        opening = this.#openLink(key, ttl, keepAlive, signal);
+        this.#opening.set(key, opening);
+        opening.finally(() => this.#opening.delete(key)).catch(() => {});
+      }
+      let result: OpenResult;
+      try {
+        result = await opening;
+      } catch (e) {
+        signal.throwIfAborted();
+        if (e instanceof TcpNetLockError && !(e instanceof ServerUnreachableError)) throw e;
+        throw e;
+      }
+      signal.throwIfAborted();
+      if (result === "unsupported") {
+        if (this.#transport === "auto") {
+          this.#noSessions = true;
+          return undefined;
+        }
+        throw new ProtocolError(
+          `Cannot acquire lock "${name}" on "${this.server}": the server does not know sessions ` +
+            '(an older server?); use transport "auto" or "connection"',
+          Reply.BAD_ACTION,
+          { server: this.server, lockName: name },
+        );
+      }
+      if (!result.closed) return result;
+    }
+  }
+
+  async #openLink(
+    key: string,
+    ttl: number | undefined,
+    keepAlive: number | undefined,
+    signal: AbortSignal,
+  ): Promise<OpenResult> {
+    const delay = Math.min(this.#retryAt - performance.now(), this.#connectTimeout);
+    if (delay > 0) {
+      await new Promise<void>((resolve, reject) => {
+        const timer = later(() => {
+          signal.removeEventListener("abort", onAbort);
+          resolve();
+        }, delay);
+        const onAbort = () => {
+          clearTimeout(timer);
+          reject(signal.reason);
+        };
+        signal.addEventListener("abort", onAbort, { once: true });
+      });
+    }
+    try {
+      const conn = await this.#connectConn(signal);
+      const result = await SessionLink.open(conn, {
+        server: this.server,
+        clientId: this.clientId,
+        authToken: this.#authToken,
+        ttl,
+        keepAlive,
+        releaseTimeout: this.#connectTimeout,
+        serverError,
+        onClose: (link) => {
+          if (this.#links.get(key) === link) this.#links.delete(key);
+        },
+      }, signal);
+      this.#openFailures = 0;
+      this.#retryAt = 0;
+      if (result !== "unsupported") {
+        if (this.#closing.signal.aborted) {
+          result.close();
+          throw this.#closing.signal.reason;
+        }
+        this.#links.set(key, result);
+      }
+      return result;
+    } catch (e) {
+      if (!signal.aborted) {
+        this.#openFailures++;
+        this.#retryAt = performance.now() + Math.min(5000, 100 * 2 ** (this.#openFailures - 1));
+      }
+      throw e;
+    }
   }
 
   /** Same as {@linkcode LockClient.close}. */
@@ -727,6 +882,11 @@ export class LockClient implements AsyncDisposable {
    * asked, all within the connect timeout.
    */
   async #connect(signal: AbortSignal, maxLine: number): Promise<Wire> {
+    return new Wire(await this.#connectConn(signal), maxLine);
+  }
+
+  /** {@linkcode LockClient.#connect}'s connection, without a reader. */
+  async #connectConn(signal: AbortSignal): Promise<Deno.Conn> {
     const server = this.server;
     const timeout = this.#connectTimeout;
     const attempt = new AbortController();
@@ -763,7 +923,7 @@ export class LockClient implements AsyncDisposable {
           cause: refused,
         });
       }
-      if (!this.tls) return new Wire(tcp, maxLine);
+      if (!this.tls) return tcp;
       // If startTls fails, the catch below closes the TCP connection.
       const tlsConn = await Deno.startTls(tcp, { hostname: this.host, caCerts: this.#caCerts });
       conn = tlsConn;
@@ -779,7 +939,7 @@ export class LockClient implements AsyncDisposable {
       } finally {
         attempt.signal.removeEventListener("abort", onAttemptAbort);
       }
-      return new Wire(tlsConn, maxLine);
+      return tlsConn;
     } catch (e) {
       closeQuietly(conn);
       if (signal.aborted) throw signal.reason;
