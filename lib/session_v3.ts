@@ -44,6 +44,13 @@ const POSITION_INTERVAL_MS = 50;
 const LINGER_MS = 1000;
 const encoder = new TextEncoder();
 
+/** A waiter's newest position, the last one sent, and when (monotonic ms). */
+interface Position {
+  last: number;
+  sent: number;
+  at: number;
+}
+
 /** One live id of the session. */
 class Entry implements ClaimHandler {
   readonly id: string;
@@ -51,9 +58,8 @@ class Entry implements ClaimHandler {
   claim!: ClaimView;
   /** `pending` until the store answers; `waiting` in the queue; `holding`. */
   state: "pending" | "waiting" | "holding" | "done" = "pending";
-  lastPosition = Infinity;
-  sentPosition = Infinity;
-  sentAt = -Infinity;
+  /** Only for a claim that waited: its queue positions (a held lock stays small, < 1 KB each). */
+  position: Position | undefined;
 
   constructor(id: string, session: MultiSession) {
     this.id = id;
@@ -63,14 +69,16 @@ class Entry implements ClaimHandler {
   granted(token: number): void {
     if (this.state === "done") return;
     this.state = "holding";
+    this.position = undefined;
     this.session.reply(`${Reply.OK},token:${token}`, this.id);
   }
 
   queued(position: number): void {
     if (this.state === "done") return;
     this.state = "waiting";
-    if (position >= this.lastPosition) return;
-    this.lastPosition = position;
+    const p = this.position ??= { last: Infinity, sent: Infinity, at: -Infinity };
+    if (position >= p.last) return;
+    p.last = position;
     this.session.positionMoved(this);
   }
 
@@ -208,7 +216,7 @@ export class MultiSession {
 
   /** A waiter's position went down: send it now, or at the end of its interval. */
   positionMoved(entry: Entry): void {
-    const due = entry.sentAt + POSITION_INTERVAL_MS - performance.now();
+    const due = entry.position!.at + POSITION_INTERVAL_MS - performance.now();
     if (due <= 0 && !this.#moved.has(entry)) {
       this.#sendPosition(entry);
       return;
@@ -225,10 +233,11 @@ export class MultiSession {
   }
 
   #sendPosition(entry: Entry): void {
-    if (entry.lastPosition >= entry.sentPosition) return;
-    entry.sentPosition = entry.lastPosition;
-    entry.sentAt = performance.now();
-    this.reply(`${Reply.QUEUED},position:${entry.lastPosition}`, entry.id);
+    const p = entry.position!;
+    if (p.last >= p.sent) return;
+    p.sent = p.last;
+    p.at = performance.now();
+    this.reply(`${Reply.QUEUED},position:${p.last}`, entry.id);
   }
 
   // --- The protocol.
