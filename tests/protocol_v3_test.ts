@@ -269,6 +269,9 @@ Deno.test("session: when the lease runs out, holders get expired, waiters timeou
   assert.deepEqual((await s.rest()).sort(), ["expired,id:a", "timeout,id:w"]);
   assert.ok(performance.now() - started >= 150, "not before the ttl");
   await until(() => srv.server.table.holders === 1 && srv.server.table.waiting === 0, "freed");
+  const stats = srv.server.stats();
+  assert.equal(stats.lock_expired_count, 1, "the expiry is counted");
+  assert.equal(stats.lock_not_acquired_count, 1, "the waiter's timeout is counted");
   await using c = await RawClient.connect(srv.port);
   assert.match((await c.request("lock,name:l2,wait:0"))!, /^ok,/, "the expired lock is free");
 });
