@@ -6,7 +6,7 @@
 
 import { ROOT } from "./test_util.ts";
 
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd"];
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "sessions"];
 
 interface ScenarioReport {
   skipped?: string;
@@ -56,7 +56,14 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
       throw new Error(`Errors counted: ${JSON.stringify(report.errors)}`);
     }
     // Every measured figure is there, for both servers.
-    for (const name of ["cycles/s, 16 clients", "memory per held lock", "process start"]) {
+    for (
+      const name of [
+        "cycles/s, 16 clients",
+        "memory per held lock",
+        "process start",
+        "session cycles/s, 16 lockers",
+      ]
+    ) {
       const row = report.rows.find((r) => r.metric.startsWith(name));
       if (!row || row.ours === null || row.floor === null) {
         throw new Error(`Row "${name}" has no figures: ${JSON.stringify(row)}`);
