@@ -728,19 +728,12 @@ export class LockClient implements AsyncDisposable {
       if (open !== undefined && !open.closed) return open;
       let opening = this.#opening.get(key);
       if (opening === undefined) {
-        opening = this.#openLink(key, ttl, keepAlive, signal);
+        // Shared by every caller: only closing the client gives it up, not one caller's signal.
+        opening = this.#openLink(key, ttl, keepAlive, this.#closing.signal);
         this.#opening.set(key, opening);
         opening.finally(() => this.#opening.delete(key)).catch(() => {});
       }
-      let result: OpenResult;
-      try {
-        result = await opening;
-      } catch (e) {
-        signal.throwIfAborted();
-        if (e instanceof TcpNetLockError && !(e instanceof ServerUnreachableError)) throw e;
-        throw e;
-      }
-      signal.throwIfAborted();
+      const result = await untilAborted(opening, signal);
       if (result === "unsupported") {
         if (this.#transport === "auto") {
           this.#noSessions = true;
@@ -1373,6 +1366,16 @@ const MAX_DELAY = 2 ** 31 - 1;
 /** `setTimeout` with the delay cut to what it can take (callers re-check their deadlines). */
 function later(fn: () => void, ms: number): ReturnType<typeof setTimeout> {
   return setTimeout(fn, Math.min(Math.max(0, ms), MAX_DELAY));
+}
+
+/** `promise`, or the signal's reason as soon as it aborts (the promise goes on regardless). */
+function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 function closeQuietly(conn: Deno.Conn | undefined): void {

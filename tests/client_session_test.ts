@@ -285,3 +285,56 @@ Deno.test("a program whose client still has an idle session ends by itself", asy
   assert.equal(new TextDecoder().decode(out.stdout).trim(), "done");
   assert.ok(out.success, new TextDecoder().decode(out.stderr));
 });
+
+Deno.test("one caller giving up while the session opens does not fail the others sharing it", async () => {
+  await using srv = await startTestServer();
+  // A gate in front of the server: connections are passed on once it opens.
+  const gate = Promise.withResolvers<void>();
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns: Deno.Conn[] = [];
+  const pipes: Promise<void>[] = [];
+  const pipe = async (from: Deno.Conn, to: Deno.Conn) => {
+    const buf = new Uint8Array(4096);
+    try {
+      for (let n = await from.read(buf); n !== null; n = await from.read(buf)) {
+        for (let at = 0; at < n;) at += await to.write(buf.subarray(at, n));
+      }
+    } catch {
+      // closed
+    }
+    for (const c of [from, to]) {
+      try {
+        c.close();
+      } catch {
+        // already closed
+      }
+    }
+  };
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      conns.push(conn);
+      await gate.promise;
+      const up = await Deno.connect({ hostname: "127.0.0.1", port: srv.port });
+      conns.push(up);
+      pipes.push(pipe(conn, up), pipe(up, conn));
+    }
+  })().catch(() => {});
+  try {
+    await using client = new LockClient({ host: "127.0.0.1", port: listener.addr.port });
+    const controller = new AbortController();
+    const first = client.lock("gate-a", { signal: controller.signal });
+    const second = client.lock("gate-b");
+    const reason = new Error("gave up");
+    controller.abort(reason);
+    assert.equal(await first.catch((e) => e), reason);
+    gate.resolve();
+    const lock = await second;
+    assert.ok(lock.held);
+    assert.equal(srv.server.connections, 1, "both callers shared one opening");
+    await lock.release();
+  } finally {
+    listener.close();
+    await accepting;
+    await Promise.all(pipes);
+  }
+});
