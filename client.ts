@@ -4,9 +4,12 @@
  * and ask the server for its state.
  *
  * A lock is held by a TCP connection: the server frees it the moment the connection closes, so a
- * crashed process never leaves a lock behind. Each lock and each admin call opens its own
- * connection. A {@linkcode HeldLock} reads its connection all the time: its `signal` aborts the
- * moment the lock is lost (the server stopped, the lease ran out), with an error that says why.
+ * crashed process never leaves a lock behind. The locks of a {@linkcode LockClient} share one
+ * connection, a session (protocol version 3), opened at the first lock; against an older server
+ * each lock opens a connection of its own (see {@linkcode LockClientOptions.transport}). Each admin
+ * call opens its own connection. The connection is read all the time: a {@linkcode HeldLock}'s
+ * `signal` aborts the moment the lock is lost (the server stopped, the lease ran out), with an
+ * error that says why.
  *
  * The client has no third-party dependency and can be imported by URL.
  *
@@ -215,7 +218,8 @@ export interface HeldLock extends AsyncDisposable {
   readonly name: string;
   /**
    * The fencing token of this grant: larger than every token the server handed out before.
-   * `undefined` for a version 1 request (no `wait`, `ttl` or `limit`), whose reply carries none.
+   * `undefined` for a version 1 request (no `wait`, `ttl` or `limit`, over a connection of its
+   * own), whose reply carries none; over a session always a number.
    */
   readonly token: number | undefined;
   /** The server as `host:port`. */
@@ -267,9 +271,11 @@ export interface LockContext {
 }
 
 /**
- * A client of a tcpnetlock server. It keeps no connection of its own: each lock and each admin
- * call opens one, so one client can be shared by a whole program. Disposing of the client (or
- * `close()`) releases the locks it still holds and abandons its calls in flight.
+ * A client of a tcpnetlock server. Its locks share one session (one connection, opened at the
+ * first lock and again after it drops; one per lease, see `docs/sessions.md`), or, against an
+ * older server, one connection each; each admin call opens its own. One client can be shared by a
+ * whole program. Disposing of the client (or `close()`) releases the locks it still holds,
+ * abandons its calls in flight and closes its sessions.
  *
  * @example Try a lock, do not wait
  * ```ts
@@ -386,9 +392,10 @@ export class LockClient implements AsyncDisposable {
   /**
    * Takes the lock `name`, and resolves once it is held.
    *
-   * Without `wait`, `ttl` and `limit` this is a version 1 request (`lock,name:NAME`), which any
-   * tcpnetlock server understands; the lock then has no token. With any of them the server
-   * answers with a fencing token and may queue the request.
+   * Over a session every lock has a fencing token. Over one connection per lock, without `wait`,
+   * `ttl` and `limit` this is a version 1 request (`lock,name:NAME`), which any tcpnetlock server
+   * understands; the lock then has no token. With any of them the server answers with a fencing
+   * token and may queue the request.
    *
    * Rejects with {@linkcode LockNotGrantedError} (taken, no wait), {@linkcode LockTimeoutError}
    * (the wait ran out), {@linkcode ServerError} (`err,...`), {@linkcode ServerUnreachableError},
