@@ -285,7 +285,10 @@ export class Session implements ClaimHandler {
       case Action.LOCK:
         return this.#lock(req);
       case Action.SESSION: {
-        if (!host.sessions) break;
+        if (!host.sessions) {
+          await this.#finish(Reply.BAD_ACTION);
+          return false;
+        }
         const opening = MultiSession.parseOpening(req);
         if (typeof opening === "string") {
           await this.#finish(opening);
@@ -324,9 +327,10 @@ export class Session implements ClaimHandler {
         await this.#finish(Reply.SHUTTING_DOWN);
         host.requestShutdown(this.remote);
         return false;
+      default:
+        await this.#finish(Reply.BAD_ACTION);
+        return false;
     }
-    await this.#finish(Reply.BAD_ACTION);
-    return false;
   }
 
   #lock(req: Request): boolean | Promise<boolean> {
