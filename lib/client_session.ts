@@ -10,7 +10,7 @@
  * @module
  */
 
-import { LineReader } from "./lines.ts";
+import { LineReader, type LineResult } from "./lines.ts";
 import {
   Action,
   formatRequest,
@@ -381,8 +381,9 @@ export class SessionLink {
 
   async #flush(): Promise<void> {
     try {
-      // The requests of the same turn go out in one write.
-      await Promise.resolve();
+      // The requests of the same turn go out in one write (a few steps: a release that follows
+      // a grant at once, the next lock after a release).
+      for (let i = 0; i < 4; i++) await undefined;
       while (this.#out.length > 0 && !this.#closed) {
         const bytes = encoder.encode(this.#out.join(""));
         this.#out = [];
@@ -397,9 +398,10 @@ export class SessionLink {
 
   async #readLoop(): Promise<void> {
     for (;;) {
-      let result;
+      let result: LineResult;
       try {
-        result = await this.#reader.next();
+        // The replies that arrived together are handled in one go (no turn between them).
+        result = this.#reader.nextBuffered() ?? await this.#reader.next();
       } catch (e) {
         this.#drop("failed", `connection failed (${describe(e)})`, e);
         return;
