@@ -40,6 +40,8 @@ import {
   type Target,
 } from "./load.ts";
 import {
+  type ClientCyclesResult,
+  runClientCycles,
   runSessionCycles,
   runSessionHandover,
   runSessionHeld,
@@ -514,6 +516,8 @@ interface SessionsResult {
   shared: Pair<SessionCyclesResult>;
   handover: Pair<SessionHandoverResult>;
   held: SessionHeldResult | null;
+  /** 64 lockers through one LockClient (ours only): over a session, over one connection each. */
+  client: ClientCyclesResult[];
 }
 
 interface RunResult {
@@ -655,6 +659,7 @@ async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
     shared: { ours: null, floor: null },
     handover: { ours: null, floor: null },
     held: null,
+    client: [],
   };
   const servers: ServerProcess[] = [];
   try {
@@ -681,6 +686,13 @@ async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
       const r = await runSessionCycles(target(i), { lockers: 64, sessions: 1, ...timing });
       progress(`sessions ${kind.label} 64 lockers over one session: ${r.rate}/s`);
       result.shared[kind.label] = r;
+      if (kind.label === "ours") {
+        for (const transport of ["session", "connection"] as const) {
+          const c = await runClientCycles(target(i), { lockers: 64, transport, ...timing });
+          progress(`sessions: 64 lockers through one LockClient over ${transport}: ${c.rate}/s`);
+          result.client.push(c);
+        }
+      }
     }
   } finally {
     for (const server of servers) await server.stop();
@@ -1238,6 +1250,15 @@ function sessionRowSpecs(sizes: Sizes): RowSpec[] {
     },
     {
       scenario: "sessions",
+      metric: "LockClient cycles/s, 64 lockers: session (floor: connection per lock)",
+      unit: "/s",
+      get: (r) => ({
+        ours: r.sessions?.client.find((c) => c.transport === "session")?.rate,
+        floor: r.sessions?.client.find((c) => c.transport === "connection")?.rate,
+      }),
+    },
+    {
+      scenario: "sessions",
       metric: `hand-over between sessions grants/s (${hc})`,
       unit: "/s",
       get: (r) => ({
@@ -1290,6 +1311,7 @@ function sessionRowSpecs(sizes: Sizes): RowSpec[] {
           x.shared.ours,
           x.handover.ours,
           x.held,
+          ...x.client,
         ];
         const fl = [...(x.cycles.floor ?? []), x.shared.floor, x.handover.floor];
         return {

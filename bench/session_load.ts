@@ -479,3 +479,63 @@ async function releaseAll(mux: Mux, count: number, errors: Errors): Promise<void
     if (r !== "released") errors.add("unexpected-reply", `held release got ${r}`);
   }
 }
+
+/** What {@linkcode runClientCycles} measured. */
+export interface ClientCyclesResult {
+  transport: "session" | "connection";
+  lockers: number;
+  cycles: number;
+  rate: number;
+  errors: ErrorCounts;
+}
+
+/**
+ * Lock+release cycles through one `LockClient` shared by `lockers` concurrent loops (distinct
+ * names), over a session or over one connection per lock: what a program sees.
+ */
+export async function runClientCycles(
+  target: Target,
+  options: {
+    lockers: number;
+    durationMs: number;
+    warmupMs?: number;
+    transport: "session" | "connection";
+  },
+): Promise<ClientCyclesResult> {
+  const { LockClient } = await import("../client.ts");
+  const errors = new Errors();
+  const client = new LockClient({
+    host: target.hostname,
+    port: target.port,
+    transport: options.transport,
+  });
+  const measureFrom = performance.now() + (options.warmupMs ?? 0);
+  const stopAt = measureFrom + options.durationMs;
+  let cycles = 0;
+  const loop = async (i: number) => {
+    while (performance.now() < stopAt) {
+      const t0 = performance.now();
+      try {
+        const lock = await client.lock(`ccycle-${options.transport}-${i}`);
+        await lock.release();
+      } catch (e) {
+        errors.add("client", e instanceof Error ? e.message : String(e));
+        return;
+      }
+      if (t0 >= measureFrom && performance.now() <= stopAt) cycles++;
+    }
+  };
+  const done = await within(
+    Promise.all(Array.from({ length: options.lockers }, (_, i) => loop(i))),
+    (options.warmupMs ?? 0) + options.durationMs + 10_000,
+  );
+  if (!done) errors.add("timeout", "client lockers did not stop");
+  await client.close();
+  return {
+    transport: options.transport,
+    lockers: options.lockers,
+    cycles,
+    rate: Math.round(cycles / (options.durationMs / 1000)),
+    errors: errors.toJSON(),
+  };
+}
