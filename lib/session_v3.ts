@@ -45,6 +45,7 @@ const LINGER_MS = 1000;
 const LINGER_BYTES = 1 << 20;
 const drainBuffer = new Uint8Array(16 * 1024);
 const encoder = new TextEncoder();
+const RESOLVED: Promise<void> = Promise.resolve();
 
 /** A waiter's newest position, the last one sent, and when (monotonic ms). */
 interface Position {
@@ -342,14 +343,18 @@ export class MultiSession {
     entry.state = "done";
     // `released` goes once the lock is free in the store (for etcd: once the key is gone), and
     // after the replies owed to the id before it.
-    const before = this.#ending.get(id) ?? Promise.resolve();
-    const done: Promise<void> = before.then(() => {
+    const before = this.#ending.get(id);
+    const endClaim = () => {
       const claim = entry.claim as ClaimView | undefined;
-      return claim === undefined ? undefined : this.#host.table.end(claim, reason);
-    }).then(() => {
-      if (this.#ending.get(id) === done) this.#ending.delete(id);
-      this.reply(word, id);
-    }, () => this.close());
+      return claim === undefined ? RESOLVED : this.#host.table.end(claim, reason);
+    };
+    const done: Promise<void> = (before === undefined ? endClaim() : before.then(endClaim)).then(
+      () => {
+        if (this.#ending.get(id) === done) this.#ending.delete(id);
+        this.reply(word, id);
+      },
+      () => this.close(),
+    );
     this.#ending.set(id, done);
   }
 
