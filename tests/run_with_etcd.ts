@@ -1,6 +1,6 @@
 /**
- * Runs the protocol test suite again with the locks in etcd (`TCPNETLOCK_TEST_STORE=etcd`), when
- * Debian's etcd is installed (.ci/run installs it); without it, says so and succeeds, so that
+ * Runs the protocol and client test suites again with the locks in etcd
+ * (`TCPNETLOCK_TEST_STORE=etcd`), when Debian's etcd is installed (.ci/run installs it); without it, says so and succeeds, so that
  * `deno task test` also works on a machine that has only Deno.
  *
  * ```sh
@@ -30,6 +30,8 @@ const status = await new Deno.Command(Deno.execPath(), {
     `${root}tests/protocol_v1_test.ts`,
     `${root}tests/protocol_v2_test.ts`,
     `${root}tests/protocol_v3_test.ts`,
+    `${root}tests/client_test.ts`,
+    `${root}tests/client_session_test.ts`,
   ],
   env: { TCPNETLOCK_TEST_STORE: "etcd" },
   stdin: "null",
