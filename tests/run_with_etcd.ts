@@ -1,7 +1,7 @@
 /**
  * Runs the protocol and client test suites again with the locks in etcd
- * (`TCPNETLOCK_TEST_STORE=etcd`), when Debian's etcd is installed (.ci/run installs it); without it, says so and succeeds, so that
- * `deno task test` also works on a machine that has only Deno.
+ * (`TCPNETLOCK_TEST_STORE=etcd`), when Debian's etcd is installed (.ci/run installs it); without
+ * it, says so and succeeds, so that `deno task test` also works on a machine that has only Deno.
  *
  * ```sh
  * deno run -A tests/run_with_etcd.ts
