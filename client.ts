@@ -4,9 +4,12 @@
  * and ask the server for its state.
  *
  * A lock is held by a TCP connection: the server frees it the moment the connection closes, so a
- * crashed process never leaves a lock behind. Each lock and each admin call opens its own
- * connection. A {@linkcode HeldLock} reads its connection all the time: its `signal` aborts the
- * moment the lock is lost (the server stopped, the lease ran out), with an error that says why.
+ * crashed process never leaves a lock behind. The locks of a {@linkcode LockClient} share one
+ * connection, a session (protocol version 3), opened at the first lock; against an older server
+ * each lock opens a connection of its own (see {@linkcode LockClientOptions.transport}). Each admin
+ * call opens its own connection. The connection is read all the time: a {@linkcode HeldLock}'s
+ * `signal` aborts the moment the lock is lost (the server stopped, the lease ran out), with an
+ * error that says why.
  *
  * The client has no third-party dependency and can be imported by URL.
  *
@@ -59,6 +62,7 @@ import {
   type Stats,
 } from "./lib/protocol.ts";
 import { LineReader, type LineResult } from "./lib/lines.ts";
+import { type OpenResult, SessionLink, type SessionLock } from "./lib/client_session.ts";
 import {
   ConnectionLostError,
   InvalidClientIdError,
@@ -105,6 +109,15 @@ const DEFAULT_CONNECT_TIMEOUT = 10_000;
 /** Seconds above this are surely a mistake (and would print in exponent notation). */
 const MAX_SECONDS = 1e12;
 
+/**
+ * How a {@linkcode LockClient} carries its locks:
+ * - `"session"`: every lock over one shared connection (a protocol version 3 session);
+ * - `"connection"`: one connection per lock (protocol versions 1 and 2, any server);
+ * - `"auto"` (the default): a session, or one connection per lock against a server that does not
+ *   know sessions (it answers `session` with `bad-action`).
+ */
+export type LockTransport = "auto" | "session" | "connection";
+
 /** Where and how a {@linkcode LockClient} connects. Every field is optional. */
 export interface LockClientOptions {
   /**
@@ -135,6 +148,14 @@ export interface LockClientOptions {
    * does. It also bounds how long {@linkcode HeldLock.release} waits for the server to confirm.
    */
   connectTimeout?: number;
+  /**
+   * How locks travel: `"auto"` (default) takes them all over one session (one connection shared
+   * by every lock of this client, opened at the first lock, opened again after it drops), and
+   * falls back to one connection per lock against an older server; `"session"` insists on a
+   * session (an older server gives {@linkcode ProtocolError}); `"connection"` opens one
+   * connection per lock, as tcpnetlock 0.1 clients do. See `docs/sessions.md`.
+   */
+  transport?: LockTransport;
 }
 
 /** How to take one lock: {@linkcode LockClient.lock}. Every field is optional. */
@@ -209,7 +230,8 @@ export interface HeldLock extends AsyncDisposable {
   readonly name: string;
   /**
    * The fencing token of this grant: larger than every token the server handed out before.
-   * `undefined` for a version 1 request (no `wait`, `ttl` or `limit`), whose reply carries none.
+   * `undefined` for a version 1 request (no `wait`, `ttl` or `limit`, over a connection of its
+   * own), whose reply carries none; over a session always a number.
    */
   readonly token: number | undefined;
   /** The server as `host:port`. */
@@ -261,9 +283,11 @@ export interface LockContext {
 }
 
 /**
- * A client of a tcpnetlock server. It keeps no connection of its own: each lock and each admin
- * call opens one, so one client can be shared by a whole program. Disposing of the client (or
- * `close()`) releases the locks it still holds and abandons its calls in flight.
+ * A client of a tcpnetlock server. Its locks share one session (one connection, opened at the
+ * first lock and again after it drops; one per lease, see `docs/sessions.md`), or, against an
+ * older server, one connection each; each admin call opens its own. One client can be shared by a
+ * whole program. Disposing of the client (or `close()`) releases the locks it still holds,
+ * abandons its calls in flight and closes its sessions.
  *
  * @example Try a lock, do not wait
  * ```ts
@@ -305,7 +329,16 @@ export class LockClient implements AsyncDisposable {
   readonly #authToken: string | undefined;
   readonly #connectTimeout: number;
   readonly #closing = new AbortController();
-  readonly #held = new Set<Holding>();
+  readonly #held = new Set<HeldLock>();
+  readonly #transport: LockTransport;
+  /** Open sessions, by lease (`ttl`/`keepAlive`): locks with the same lease share one. */
+  readonly #links = new Map<string, SessionLink>();
+  readonly #opening = new Map<string, Promise<OpenResult>>();
+  /** Set once the server answered `session` with `bad-action` (auto: one connection per lock). */
+  #noSessions = false;
+  /** Failed session openings in a row, and when the next one may start (back-off). */
+  #openFailures = 0;
+  #retryAt = 0;
 
   /**
    * Checks the options (throws {@linkcode InvalidClientIdError} for a bad client id and
@@ -357,6 +390,13 @@ export class LockClient implements AsyncDisposable {
     }
     this.#connectTimeout = timeout;
     this.tls = options.tls ?? false;
+    const transport = options.transport ?? "auto";
+    if (transport !== "auto" && transport !== "session" && transport !== "connection") {
+      throw new RangeError(
+        `Invalid transport "${transport}": use "auto", "session" or "connection"`,
+      );
+    }
+    this.#transport = transport;
     this.#caCerts = options.caCerts;
     this.server = `${host.includes(":") ? `[${host}]` : host}:${port}`;
   }
@@ -364,9 +404,10 @@ export class LockClient implements AsyncDisposable {
   /**
    * Takes the lock `name`, and resolves once it is held.
    *
-   * Without `wait`, `ttl`, `limit` and `mode` this is a version 1 request (`lock,name:NAME`), which any
-   * tcpnetlock server understands; the lock then has no token. With any of them the server
-   * answers with a fencing token and may queue the request.
+   * Over a session every lock has a fencing token. Over one connection per lock, without `wait`,
+   * `ttl`, `limit` and `mode` this is a version 1 request (`lock,name:NAME`), which any tcpnetlock
+   * server understands; the lock then has no token. With any of them the server answers with a
+   * fencing token and may queue the request.
    *
    * Rejects with {@linkcode LockNotGrantedError} (taken, no wait), {@linkcode LockTimeoutError}
    * (the wait ran out), {@linkcode ServerError} (`err,...`), {@linkcode ServerUnreachableError},
@@ -406,6 +447,26 @@ export class LockClient implements AsyncDisposable {
       throw new RangeError(
         `Invalid keepAlive "${keepAlive}": it must be shorter than the ttl of ${ttl} s`,
       );
+    }
+    if (this.#transport !== "connection" && !this.#noSessions) {
+      const signal = this.#signal(options.signal);
+      const every = keepAlive ?? (ttl === undefined ? undefined : ttl / 3);
+      const link = await this.#link(ttl, every, signal, name);
+      if (link !== undefined) {
+        const lock: SessionLock = await link.lock({
+          name,
+          clientId,
+          wait,
+          limit,
+          mode,
+          onQueued,
+          signal,
+          onEnd: (l) => this.#held.delete(l),
+        });
+        const held: HeldLock = lock;
+        this.#held.add(held);
+        return held;
+      }
     }
     const extended = wait !== undefined || ttl !== undefined || limit !== undefined ||
       mode !== undefined;
@@ -673,6 +734,101 @@ export class LockClient implements AsyncDisposable {
       );
     }
     await Promise.all([...this.#held].map((h) => h[Symbol.asyncDispose]()));
+    for (const link of [...this.#links.values()]) link.close();
+    await Promise.allSettled([...this.#opening.values()]);
+  }
+
+  /**
+   * The session for locks with this lease, opened if need be (one opening at a time per lease,
+   * shared by every caller; after failures, the next opening waits a back-off of 100 ms doubling
+   * up to 5 s, at most the connect timeout). `undefined` when the server does not know sessions
+   * and the transport is `"auto"`.
+   */
+  async #link(
+    ttl: number | undefined,
+    keepAlive: number | undefined,
+    signal: AbortSignal,
+    name: string,
+  ): Promise<SessionLink | undefined> {
+    const key = `${ttl ?? ""}/${keepAlive ?? ""}`;
+    for (;;) {
+      const open = this.#links.get(key);
+      if (open !== undefined && !open.closed) return open;
+      let opening = this.#opening.get(key);
+      if (opening === undefined) {
+        // Shared by every caller: only closing the client gives it up, not one caller's signal.
+        opening = this.#openLink(key, ttl, keepAlive, this.#closing.signal);
+        this.#opening.set(key, opening);
+        opening.finally(() => this.#opening.delete(key)).catch(() => {});
+      }
+      const result = await untilAborted(opening, signal);
+      if (result === "unsupported") {
+        if (this.#transport === "auto") {
+          this.#noSessions = true;
+          return undefined;
+        }
+        throw new ProtocolError(
+          `Cannot acquire lock "${name}" on "${this.server}": the server does not know sessions ` +
+            '(an older server?); use transport "auto" or "connection"',
+          Reply.BAD_ACTION,
+          { server: this.server, lockName: name },
+        );
+      }
+      if (!result.closed) return result;
+    }
+  }
+
+  async #openLink(
+    key: string,
+    ttl: number | undefined,
+    keepAlive: number | undefined,
+    signal: AbortSignal,
+  ): Promise<OpenResult> {
+    const delay = Math.min(this.#retryAt - performance.now(), this.#connectTimeout);
+    if (delay > 0) {
+      await new Promise<void>((resolve, reject) => {
+        const timer = later(() => {
+          signal.removeEventListener("abort", onAbort);
+          resolve();
+        }, delay);
+        const onAbort = () => {
+          clearTimeout(timer);
+          reject(signal.reason);
+        };
+        signal.addEventListener("abort", onAbort, { once: true });
+      });
+    }
+    try {
+      const conn = await this.#connectConn(signal);
+      const result = await SessionLink.open(conn, {
+        server: this.server,
+        clientId: this.clientId,
+        authToken: this.#authToken,
+        ttl,
+        keepAlive,
+        releaseTimeout: this.#connectTimeout,
+        serverError,
+        onClose: (link) => {
+          if (this.#links.get(key) === link) this.#links.delete(key);
+        },
+      }, signal);
+      this.#openFailures = 0;
+      this.#retryAt = 0;
+      if (result !== "unsupported") {
+        if (this.#closing.signal.aborted) {
+          result.close();
+          throw this.#closing.signal.reason;
+        }
+        this.#links.set(key, result);
+      }
+      return result;
+    } catch (e) {
+      if (!signal.aborted) {
+        this.#openFailures++;
+        this.#retryAt = performance.now() + Math.min(5000, 100 * 2 ** (this.#openFailures - 1));
+      }
+      throw e;
+    }
   }
 
   /** Same as {@linkcode LockClient.close}. */
@@ -747,6 +903,11 @@ export class LockClient implements AsyncDisposable {
    * asked, all within the connect timeout.
    */
   async #connect(signal: AbortSignal, maxLine: number): Promise<Wire> {
+    return new Wire(await this.#connectConn(signal), maxLine);
+  }
+
+  /** {@linkcode LockClient.#connect}'s connection, without a reader. */
+  async #connectConn(signal: AbortSignal): Promise<Deno.Conn> {
     const server = this.server;
     const timeout = this.#connectTimeout;
     const attempt = new AbortController();
@@ -783,7 +944,7 @@ export class LockClient implements AsyncDisposable {
           cause: refused,
         });
       }
-      if (!this.tls) return new Wire(tcp, maxLine);
+      if (!this.tls) return tcp;
       // If startTls fails, the catch below closes the TCP connection.
       const tlsConn = await Deno.startTls(tcp, { hostname: this.host, caCerts: this.#caCerts });
       conn = tlsConn;
@@ -799,7 +960,7 @@ export class LockClient implements AsyncDisposable {
       } finally {
         attempt.signal.removeEventListener("abort", onAttemptAbort);
       }
-      return new Wire(tlsConn, maxLine);
+      return tlsConn;
     } catch (e) {
       closeQuietly(conn);
       if (signal.aborted) throw signal.reason;
@@ -1244,6 +1405,16 @@ const MAX_DELAY = 2 ** 31 - 1;
 /** `setTimeout` with the delay cut to what it can take (callers re-check their deadlines). */
 function later(fn: () => void, ms: number): ReturnType<typeof setTimeout> {
   return setTimeout(fn, Math.min(Math.max(0, ms), MAX_DELAY));
+}
+
+/** `promise`, or the signal's reason as soon as it aborts (the promise goes on regardless). */
+function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 function closeQuietly(conn: Deno.Conn | undefined): void {

@@ -781,7 +781,9 @@ export async function main(args: string[]): Promise<number> {
       console.log(usage());
       return 0;
     }
-    client = new LockClient(config.client);
+    // One lock per run: a session buys nothing here, and one connection per lock keeps the wire
+    // exactly as with any server (no `session` probe against an older one).
+    client = new LockClient({ ...config.client, transport: "connection" });
   } catch (e) {
     if (e instanceof UsageError || e instanceof RangeError || e instanceof InvalidClientIdError) {
       writeStderr(

@@ -31,6 +31,7 @@ export {
   type LockClientOptions,
   type LockContext,
   type LockOptions,
+  type LockTransport,
   type RequestOptions,
 } from "./client.ts";
 export {

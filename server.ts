@@ -139,6 +139,14 @@ const SERVER_FLAGS: FlagSpec[] = [
     help: "most distinct names held or waited on",
   },
   {
+    name: "max-session-locks",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_MAX_SESSION_LOCKS",
+    default: "10000",
+    help: "most locks held or waited for at once by one session",
+  },
+  {
     name: "state-file",
     type: "string",
     arg: "PATH",
@@ -237,6 +245,7 @@ export function parseServerArgs(
     maxConnections: intFlag(values, "max-connections", 1),
     maxWaiters: intFlag(values, "max-waiters", 0),
     maxLocks: intFlag(values, "max-locks", 1),
+    maxSessionLocks: intFlag(values, "max-session-locks", 1),
     allowRemoteShutdown: values["allow-remote-shutdown"] === true,
     stateFile: values["state-file"] as string | undefined,
   };

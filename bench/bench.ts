@@ -17,7 +17,9 @@
  * (64 clients on 4 names with `wait:30`; then again with 80 % readers, `mode:shared`), `held`
  * (10,000 locks held at once: memory, idle CPU,
  * `.ping` latency, release time), `ready` (process start to the first `pong`) and `do` (what
- * `deno run -A do.ts -- true` takes beyond an empty `deno run`).
+ * `deno run -A do.ts -- true` takes beyond an empty `deno run`), `sessions` (lock+release over
+ * sessions at 1, 16 and 64 lockers against the session floor and against our own
+ * connection-per-lock cycles, the hand-over between sessions, one session holding 10,000 locks).
  *
  * Exit status: 0 when every scenario ran without a single error (targets met or not), 1 when any
  * error was counted, 2 on bad flags.
@@ -40,6 +42,16 @@ import {
 } from "./load.ts";
 import { type FloodResult, runFlood } from "./flood.ts";
 import { buildCGen, type CGenResult, cgenUnavailable, runCyclesC } from "./cgen.ts";
+import {
+  type ClientCyclesResult,
+  runClientCycles,
+  runSessionCycles,
+  runSessionHandover,
+  runSessionHeld,
+  type SessionCyclesResult,
+  type SessionHandoverResult,
+  type SessionHeldResult,
+} from "./session_load.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const FLOOR_SCRIPT = "bench/floor_server.ts";
@@ -53,7 +65,16 @@ const LIMIT_FLAGS = [
   "--max-waiters",
   "100000",
 ];
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "flood"] as const;
+const SCENARIOS = [
+  "cycles",
+  "handover",
+  "held",
+  "ready",
+  "do",
+  "etcd",
+  "flood",
+  "sessions",
+] as const;
 type Scenario = typeof SCENARIOS[number];
 const LETTERS: Record<string, Scenario> = {
   a: "cycles",
@@ -63,6 +84,7 @@ const LETTERS: Record<string, Scenario> = {
   e: "do",
   f: "etcd",
   g: "flood",
+  h: "sessions",
 };
 const REEXEC_ENV = "TCPNETLOCK_BENCH_REEXEC";
 /**
@@ -96,6 +118,8 @@ interface Sizes {
   floodWaiters: number;
   floodLineBytes: number;
   floodSettleMs: number;
+  /** Locks one session holds at once (the `sessions` scenario). */
+  sessionHeld: number;
 }
 
 const FULL: Sizes = {
@@ -118,6 +142,7 @@ const FULL: Sizes = {
   floodWaiters: 3000,
   floodLineBytes: 100 << 20,
   floodSettleMs: 20000,
+  sessionHeld: 10_000,
 };
 
 const QUICK: Sizes = {
@@ -140,6 +165,7 @@ const QUICK: Sizes = {
   floodWaiters: 100,
   floodLineBytes: 1 << 20,
   floodSettleMs: 500,
+  sessionHeld: 500,
 };
 
 /** Parsed command line. */
@@ -537,7 +563,21 @@ interface EtcdResult {
   setups: EtcdSetup[];
 }
 
+/** The `sessions` scenario: per level, over sessions (ours and the session floor), and ours over
+ * one connection per lock at the same level, measured in between. */
+interface SessionsResult {
+  cycles: Pair<SessionCyclesResult[]>;
+  connection: CyclesResult[];
+  /** 64 lockers sharing one session. */
+  shared: Pair<SessionCyclesResult>;
+  handover: Pair<SessionHandoverResult>;
+  held: SessionHeldResult | null;
+  /** 64 lockers through one LockClient (ours only): over a session, over one connection each. */
+  client: ClientCyclesResult[];
+}
+
 interface RunResult {
+  sessions?: SessionsResult;
   etcd?: EtcdResult;
   cycles?: CyclesRun;
   handover?: Pair<HandoverResult> & {
@@ -791,6 +831,79 @@ async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
     );
     return r;
   });
+}
+
+async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
+  const s = ctx.sizes;
+  const result: SessionsResult = {
+    cycles: { ours: null, floor: null },
+    connection: [],
+    shared: { ours: null, floor: null },
+    handover: { ours: null, floor: null },
+    held: null,
+    client: [],
+  };
+  const servers: ServerProcess[] = [];
+  try {
+    for (const kind of ctx.kinds) servers.push(await startServer(kind));
+    const target = (i: number) => ({ hostname: "127.0.0.1", port: servers[i].port });
+    const timing = { durationMs: s.cycleMs, warmupMs: s.cycleWarmupMs };
+    for (const lockers of s.cycleLevels) {
+      for (const [i, kind] of ctx.kinds.entries()) {
+        const r = await runSessionCycles(target(i), { lockers, ...timing });
+        progress(
+          `sessions ${kind.label} ${lockers} lockers: ${r.rate}/s p50 ${r.latency.p50} ms ` +
+            `p99 ${r.latency.p99} ms, ${r.errors.total} errors`,
+        );
+        (result.cycles[kind.label] ??= []).push(r);
+        if (kind.label === "ours") {
+          // Our own connection-per-lock cycles at the same level, right after: the 2× target.
+          const c = await runCycles(target(i), { clients: lockers, ...timing });
+          progress(`sessions: ours over one connection per lock, ${lockers} clients: ${c.rate}/s`);
+          result.connection.push(c);
+        }
+      }
+    }
+    for (const [i, kind] of ctx.kinds.entries()) {
+      const r = await runSessionCycles(target(i), { lockers: 64, sessions: 1, ...timing });
+      progress(`sessions ${kind.label} 64 lockers over one session: ${r.rate}/s`);
+      result.shared[kind.label] = r;
+      if (kind.label === "ours") {
+        for (const transport of ["session", "connection"] as const) {
+          const c = await runClientCycles(target(i), { lockers: 64, transport, ...timing });
+          progress(`sessions: 64 lockers through one LockClient over ${transport}: ${c.rate}/s`);
+          result.client.push(c);
+        }
+      }
+    }
+  } finally {
+    for (const server of servers) await server.stop();
+  }
+  const ho = await perServer(ctx, async (target, _server, kind) => {
+    const r = await runSessionHandover(target, {
+      lockers: s.handoverClients,
+      names: s.handoverNames,
+      durationMs: s.handoverMs,
+      warmupMs: s.handoverWarmupMs,
+      checkLocking: kind.label === "ours",
+    });
+    progress(
+      `sessions hand-over ${kind.label}: ${r.rate}/s, ${r.handovers} hand-overs, delay p50 ` +
+        `${r.delay.p50} p99 ${r.delay.p99} ms, ${r.errors.total} errors`,
+    );
+    return r;
+  });
+  result.handover = ho;
+  if (ctx.kinds.some((k) => k.label === "ours") && ctx.opts.server === "server.ts") {
+    // Our server in a Worker of this process, so that its live heap can be measured.
+    result.held = await runSessionHeld(s.sessionHeld);
+    progress(
+      `sessions held: ${result.held.held} locks over one session, ${result.held.bytesPerLock} ` +
+        `bytes of heap each, ${result.held.heapAfterPercent}% left after releasing, ` +
+        `${result.held.errors.total} errors`,
+    );
+  }
+  return result;
 }
 
 /** A port that was free a moment ago. */
@@ -1353,6 +1466,7 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
         floor: mib(r.flood?.floor?.rssPeakKiB),
       }),
     },
+    ...sessionRowSpecs(sizes),
     {
       scenario: "flood",
       metric: "flood errors",
@@ -1405,6 +1519,131 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
       get: (r) => ({
         ours: r.etcd?.skipped ? null : sum(r.etcd?.setups.map((x) => x.errors) ?? [null]),
       }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+  return specs;
+}
+
+function sessionRowSpecs(sizes: Sizes): RowSpec[] {
+  const specs: RowSpec[] = [];
+  const sLevel = (r: SessionCyclesResult[] | null | undefined, n: number) =>
+    r?.find((x) => x.lockers === n);
+  for (const n of sizes.cycleLevels) {
+    const lockers = `${n} locker${n === 1 ? "" : "s"}`;
+    const gated = n >= 16;
+    specs.push({
+      scenario: "sessions",
+      metric: `session cycles/s, ${lockers} (floor: session floor)`,
+      unit: "/s",
+      get: (r) => ({
+        ours: sLevel(r.sessions?.cycles.ours, n)?.rate,
+        floor: sLevel(r.sessions?.cycles.floor, n)?.rate,
+      }),
+      ...(gated ? { target: "≥ 0.85 × floor", check: (_o, _f, r) => r !== null && r >= 0.85 } : {}),
+    });
+    specs.push({
+      scenario: "sessions",
+      metric: `session ÷ connection-per-lock cycles, ${lockers}`,
+      unit: "×",
+      get: (r) => {
+        const sr = sLevel(r.sessions?.cycles.ours, n)?.rate;
+        const cr = level(r.sessions?.connection, n)?.rate;
+        return { ours: sr !== undefined && cr ? Math.round(sr / cr * 100) / 100 : null };
+      },
+      ...(gated ? { target: "≥ 2", check: (o) => o >= 2 } : {}),
+    });
+    specs.push({
+      scenario: "sessions",
+      metric: `session cycle p99, ${lockers}`,
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(sLevel(r.sessions?.cycles.ours, n)?.latency, "p99"),
+        floor: lat(sLevel(r.sessions?.cycles.floor, n)?.latency, "p99"),
+      }),
+    });
+  }
+  const hc = `${sizes.handoverClients} sessions, ${sizes.handoverNames} names`;
+  const held = sizes.sessionHeld.toLocaleString("en-US");
+  specs.push(
+    {
+      scenario: "sessions",
+      metric: "session cycles/s, 64 lockers over one session",
+      unit: "/s",
+      get: (r) => ({ ours: r.sessions?.shared.ours?.rate, floor: r.sessions?.shared.floor?.rate }),
+    },
+    {
+      scenario: "sessions",
+      metric: "LockClient cycles/s, 64 lockers: session (floor: connection per lock)",
+      unit: "/s",
+      get: (r) => ({
+        ours: r.sessions?.client.find((c) => c.transport === "session")?.rate,
+        floor: r.sessions?.client.find((c) => c.transport === "connection")?.rate,
+      }),
+    },
+    {
+      scenario: "sessions",
+      metric: `hand-over between sessions grants/s (${hc})`,
+      unit: "/s",
+      get: (r) => ({
+        ours: r.sessions?.handover.ours?.rate,
+        floor: r.sessions?.handover.floor?.rate,
+      }),
+    },
+    {
+      scenario: "sessions",
+      metric: "hand-over between sessions delay p99 (floor: lock→ok)",
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.sessions?.handover.ours?.delay, "p99"),
+        floor: lat(r.sessions?.handover.floor?.grantLatency, "p99"),
+      }),
+    },
+    {
+      scenario: "sessions",
+      metric: `heap per lock, one session holding ${held}`,
+      unit: "B",
+      get: (r) => ({ ours: r.sessions?.held?.bytesPerLock }),
+      target: "< 1024 B",
+      check: (o) => o < 1024,
+    },
+    {
+      scenario: "sessions",
+      metric: `heap left after releasing all ${held}`,
+      unit: "%",
+      get: (r) => ({ ours: r.sessions?.held?.heapAfterPercent }),
+      target: "≤ 5 %",
+      check: (o) => o <= 5,
+    },
+    {
+      scenario: "sessions",
+      metric: `take all ${held} over one session (pipelined)`,
+      unit: "ms",
+      get: (r) => ({ ours: r.sessions?.held?.acquireMs }),
+    },
+    {
+      scenario: "sessions",
+      metric: "sessions errors",
+      unit: "",
+      errors: true,
+      get: (r) => {
+        const x = r.sessions;
+        if (x === undefined) return {};
+        const all = [
+          ...(x.cycles.ours ?? []),
+          ...x.connection,
+          x.shared.ours,
+          x.handover.ours,
+          x.held,
+          ...x.client,
+        ];
+        const fl = [...(x.cycles.floor ?? []), x.shared.floor, x.handover.floor];
+        return {
+          ours: sum(all.map((v) => v?.errors.total ?? 0)),
+          floor: sum(fl.map((v) => v?.errors.total ?? 0)),
+        };
+      },
       target: "0",
       check: (o) => o === 0,
     },
@@ -1574,6 +1813,9 @@ export async function main(args: string[]): Promise<number> {
         case "etcd":
           run.etcd = await scenarioEtcd(ctx);
           if (run.etcd.skipped) note(`etcd: skipped, ${run.etcd.skipped}`);
+          break;
+        case "sessions":
+          run.sessions = await scenarioSessions(ctx);
           break;
       }
     }

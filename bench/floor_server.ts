@@ -9,6 +9,11 @@
  *   and close; `.keepalive` → `alive`; any other line → `bad-action`. It never says `not-granted`:
  *   every lock is granted at once, so it is no lock at all.
  * - `.ping` → `pong`, close. Anything else → `bad-action`, close.
+ * - The **session floor**: `session` → `session,version:3,max-ids:10000`, then, multiplexed by
+ *   id, `lock,id:X,...` → `ok,token:1,id:X`, `release,id:X` → `released,id:X`, `cancel,id:X` →
+ *   `cancelled,id:X`, `.keepalive` → `alive`, `.ping` → `pong`, anything else → `bad-action`.
+ *   No ids are tracked, every lock is granted; the replies to the lines of one read go out in
+ *   one write (the cheapest a session server can be).
  *
  * ```sh
  * deno run -A bench/floor_server.ts --port 0   # prints "listening on 127.0.0.1:PORT" on stderr
@@ -72,6 +77,18 @@ class Session {
     }
   }
 
+  /** The next complete line already read, or `undefined` (nothing is read from the socket). */
+  buffered(): string | undefined {
+    const nl = this.buf.subarray(this.start, this.end).indexOf(NL);
+    if (nl < 0) return undefined;
+    let stop = this.start + nl;
+    const next = stop + 1;
+    if (stop > this.start && this.buf[stop - 1] === 0x0d) stop--;
+    const text = decoder.decode(this.buf.subarray(this.start, stop));
+    this.start = next;
+    return text;
+  }
+
   async write(bytes: Uint8Array): Promise<void> {
     let done = 0;
     while (done < bytes.length) done += await this.conn.write(bytes.subarray(done));
@@ -96,6 +113,8 @@ async function serve(conn: Deno.Conn): Promise<void> {
         }
         await s.write(what === ".keepalive" ? ALIVE : BAD_ACTION);
       }
+    } else if (action === "session") {
+      await serveSession(s);
     } else if (action === ".ping") {
       await s.write(PONG);
     } else {
@@ -112,8 +131,49 @@ async function serve(conn: Deno.Conn): Promise<void> {
   }
 }
 
+/** The reply to one line of a session. */
+function sessionReply(line: string): string {
+  const comma = line.indexOf(",");
+  const action = (comma < 0 ? line : line.slice(0, comma)).trim();
+  const at = line.indexOf("id:");
+  const id = at < 0 ? "" : line.slice(at + 3).split(",", 1)[0].trim();
+  switch (action) {
+    case "lock":
+      return `ok,token:1,id:${id}\n`;
+    case "release":
+      return `released,id:${id}\n`;
+    case "cancel":
+      return `cancelled,id:${id}\n`;
+    case ".keepalive":
+      return "alive\n";
+    case ".ping":
+      return "pong\n";
+    default:
+      return "bad-action\n";
+  }
+}
+
+/** A session: the replies to the lines that arrived together go out in one write. */
+async function serveSession(s: Session): Promise<void> {
+  await s.write(encoder.encode("session,version:3,max-ids:10000\n"));
+  for (;;) {
+    const line = await s.line();
+    if (line === null) return;
+    let out = sessionReply(line);
+    for (let more = s.buffered(); more !== undefined; more = s.buffered()) {
+      out += sessionReply(more);
+    }
+    await s.write(encoder.encode(out));
+  }
+}
+
 // Flags of server.ts that the floor accepts and ignores, so it can stand in for it.
-const IGNORED_WITH_VALUE = ["--max-connections", "--max-locks", "--max-waiters"];
+const IGNORED_WITH_VALUE = [
+  "--max-connections",
+  "--max-locks",
+  "--max-waiters",
+  "--max-session-locks",
+];
 
 /** Runs the floor server until the process is killed. */
 export async function main(args: string[]): Promise<void> {

@@ -177,7 +177,8 @@ export async function main(args: string[]): Promise<number> {
 
   let client: LockClient;
   try {
-    client = new LockClient(await clientOptions(values));
+    // One lock (or one admin call) per run: one connection per lock, as with any server.
+    client = new LockClient({ ...await clientOptions(values), transport: "connection" });
   } catch (e) {
     if (e instanceof UsageError || e instanceof RangeError || e instanceof InvalidClientIdError) {
       return usageError(e);

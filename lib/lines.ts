@@ -75,6 +75,32 @@ export class LineReader {
   }
 
   /**
+   * The next line if a whole one is already buffered, else `undefined` (nothing is read): lets a
+   * reader handle the lines that arrived together in one go, without a turn of the event loop
+   * between them.
+   */
+  nextBuffered(): LineResult | undefined {
+    if (this.#done) return undefined;
+    const nl = this.#buf.subarray(this.#scanned, this.#end).indexOf(NL);
+    if (nl < 0) {
+      this.#scanned = this.#end;
+      return undefined;
+    }
+    const at = this.#scanned + nl;
+    let stop = at;
+    if (stop > this.#start && this.#buf[stop - 1] === CR) stop--;
+    const bytes = this.#buf.subarray(this.#start, stop);
+    this.#start = at + 1;
+    this.#scanned = this.#start;
+    try {
+      return { kind: "line", line: decoder.decode(bytes) };
+    } catch {
+      this.#done = true;
+      return INVALID;
+    }
+  }
+
+  /**
    * The next line, or why there is none. After `eof`, `too-long` or `invalid-utf8` every later
    * call returns `eof`. A read error (connection reset, closed resource) is thrown.
    */

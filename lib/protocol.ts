@@ -31,6 +31,9 @@ export const Action = {
   STATS: ".stats",
   LOCKS: ".locks",
   SHUTDOWN: ".server-shutdown",
+  /** Version 3: the first line of a session; `cancel` withdraws one of its waiting requests. */
+  SESSION: "session",
+  CANCEL: "cancel",
 } as const;
 
 /** Reply words (the part of a reply line before the first comma). */
@@ -49,6 +52,9 @@ export const Reply = {
   BAD_ACTION: "bad-action",
   BAD_REQUEST: "bad-request",
   ERR: "err",
+  /** Version 3: the reply to `session`, and to `cancel,id:ID`. */
+  SESSION: "session",
+  CANCELLED: "cancelled",
 } as const;
 
 /** The reasons an `err,REASON` reply can carry. */
@@ -65,7 +71,16 @@ export const ErrorReason = {
   TOO_MANY_CONNECTIONS: "too many connections",
   UNAUTHORIZED: "unauthorized",
   FORBIDDEN: "forbidden",
+  /** Version 3 (sessions): a request id that is missing, malformed, live already, or not live. */
+  INVALID_ID: "invalid id",
+  DUPLICATE_ID: "duplicate id",
+  UNKNOWN_ID: "unknown id",
 } as const;
+
+/** The protocol version a `session` reply names. */
+export const SESSION_VERSION = 3;
+/** Valid request ids of a session: 1 to 32 letters, digits, `_` and `-`. */
+export const SESSION_ID_RE: RegExp = /^[a-zA-Z0-9_-]{1,32}$/;
 
 /** One of the {@linkcode ErrorReason} strings. */
 export type ErrorReasonText = typeof ErrorReason[keyof typeof ErrorReason];

@@ -20,6 +20,7 @@ import {
   type Stats,
 } from "./protocol.ts";
 import { type Conn, Session, type SessionHost } from "./session.ts";
+import { DEFAULT_MAX_SESSION_LOCKS } from "./session_v3.ts";
 import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
 
@@ -41,6 +42,13 @@ export interface ServerOptions {
   maxWaiters?: number;
   /** Most distinct names held or waited on (default: no limit). */
   maxLocks?: number;
+  /** Most live request ids (locks held or waited for) per session (default 10000). */
+  maxSessionLocks?: number;
+  /**
+   * Accept sessions (protocol version 3; default true). False answers `session` with
+   * `bad-action`, as a version 1 or 2 server does: for testing a client's fallback.
+   */
+  sessions?: boolean;
   /** When set, every request but `.ping` must carry `auth:TOKEN`. */
   authToken?: string;
   /** Speak TLS with this certificate and key (PEM text). */
@@ -209,6 +217,8 @@ class ServerImpl implements LockServer, SessionHost {
   readonly firstLineTimeoutMs: number;
   readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
   readonly allowRemoteShutdown: boolean;
+  readonly maxSessionLocks: number;
+  readonly sessions: boolean;
   readonly finished: Promise<void>;
   #options: ServerOptions;
   #listeners: Deno.Listener[] = [];
@@ -226,6 +236,8 @@ class ServerImpl implements LockServer, SessionHost {
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
     this.firstLineTimeoutMs = Math.min(2 ** 31 - 1, secondsToMs(options.firstLineTimeout, 60_000));
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
+    this.maxSessionLocks = options.maxSessionLocks ?? DEFAULT_MAX_SESSION_LOCKS;
+    this.sessions = options.sessions ?? true;
     this.checkAuth = options.authToken === undefined ? undefined : tokenMatcher(options.authToken);
     const onEvent = options.onEvent;
     const book = {

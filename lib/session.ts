@@ -26,6 +26,7 @@ import {
   Reply,
   type Request,
 } from "./protocol.ts";
+import { MultiSession } from "./session_v3.ts";
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -35,6 +36,10 @@ export interface SessionHost {
   /** Is this the configured auth token? (Only called when one is configured.) */
   readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
   readonly allowRemoteShutdown: boolean;
+  /** Most live ids per session (`--max-session-locks`). */
+  readonly maxSessionLocks: number;
+  /** False: answer `session` with `bad-action`, as a version 2 server does. */
+  readonly sessions: boolean;
   statsJson(): string;
   /** `.locks` (a promise when the store first catches up with its own writes). */
   locksJson(): string | Promise<string>;
@@ -119,6 +124,8 @@ export class Session implements ClaimHandler {
   #reading = false;
   /** Set once a last reply is on its way. */
   #finishing: Promise<void> | undefined;
+  /** Set when the connection became a session (version 3, `session_v3.ts`). */
+  #multi: MultiSession | undefined;
 
   constructor(conn: Conn, host: SessionHost) {
     this.#conn = conn;
@@ -169,6 +176,7 @@ export class Session implements ClaimHandler {
   /** Ends the session from outside (server shutdown): the lock is freed, the socket closed. */
   shutdown(): void {
     this.#endReason = "shutdown";
+    this.#multi?.shutdown();
     this.#close();
   }
 
@@ -279,6 +287,27 @@ export class Session implements ClaimHandler {
     switch (req.action) {
       case Action.LOCK:
         return this.#lock(req);
+      case Action.SESSION: {
+        if (!host.sessions) {
+          await this.#finish(Reply.BAD_ACTION);
+          return false;
+        }
+        const opening = MultiSession.parseOpening(req);
+        if (typeof opening === "string") {
+          await this.#finish(opening);
+          return false;
+        }
+        this.#multi = new MultiSession(
+          this.#conn,
+          this.#reader!,
+          host,
+          this.remote,
+          opening.clientId,
+          opening.ttl,
+        );
+        await this.#multi.run();
+        return false;
+      }
       case Action.PING:
         await this.#finish(Reply.PONG);
         return false;

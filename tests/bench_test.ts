@@ -6,7 +6,7 @@
 
 import { ROOT } from "./test_util.ts";
 
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "flood"];
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "flood", "sessions"];
 
 interface ScenarioReport {
   skipped?: string;
@@ -67,6 +67,7 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
         "memory per held lock",
         "process start",
         "RSS after",
+        "session cycles/s, 16 lockers",
       ]
     ) {
       const row = report.rows.find((r) => r.metric.startsWith(name));

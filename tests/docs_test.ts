@@ -364,6 +364,11 @@ async function parseBlock(block: Block): Promise<void> {
     case "json":
       JSON.parse(block.text);
       return;
+    case "session":
+      // Netcat transcripts of a session: tests/sessions_doc_test.ts replays each against a real
+      // server and compares every reply; here, that the file is the one it reads.
+      assert.equal(block.file, "docs/sessions.md", `${where}: session transcripts live there`);
+      return;
     case "":
     case "text":
     case "txt":

@@ -858,6 +858,8 @@ export interface ChurnOptions {
   seed: number;
   /** The longest `wait` a client asks for, in seconds. */
   maxWait?: number;
+  /** Record the holds here (to check them together with other clients'). */
+  checker?: HoldChecker;
 }
 
 /** What {@linkcode runChurn} saw. */
@@ -879,7 +881,7 @@ export interface ChurnResult {
  * number of holders it saw per name. Stops by itself; every read is bounded in time.
  */
 export async function runChurn(o: ChurnOptions): Promise<ChurnResult> {
-  const checker = new HoldChecker();
+  const checker = o.checker ?? new HoldChecker();
   for (const n of o.names) checker.limit(n.name, n.limit, n.modes);
   const counts: Record<string, number> = {};
   const count = (k: string) => counts[k] = (counts[k] ?? 0) + 1;

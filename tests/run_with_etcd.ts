@@ -1,7 +1,7 @@
 /**
- * Runs the protocol test suite again with the locks in etcd (`TCPNETLOCK_TEST_STORE=etcd`), when
- * Debian's etcd is installed (.ci/run installs it); without it, says so and succeeds, so that
- * `deno task test` also works on a machine that has only Deno.
+ * Runs the protocol and client test suites again with the locks in etcd
+ * (`TCPNETLOCK_TEST_STORE=etcd`), when Debian's etcd is installed (.ci/run installs it); without
+ * it, says so and succeeds, so that `deno task test` also works on a machine that has only Deno.
  *
  * ```sh
  * deno run -A tests/run_with_etcd.ts
@@ -31,6 +31,9 @@ const status = await new Deno.Command(Deno.execPath(), {
     `${root}tests/protocol_v2_test.ts`,
     `${root}tests/protocol_shared_test.ts`,
     `${root}tests/shared_tools_test.ts`,
+    `${root}tests/protocol_v3_test.ts`,
+    `${root}tests/client_test.ts`,
+    `${root}tests/client_session_test.ts`,
   ],
   env: { TCPNETLOCK_TEST_STORE: "etcd" },
   stdin: "null",

@@ -39,6 +39,7 @@ Deno.test("server --help lists every flag with its variable; --version prints th
       "--max-connections",
       "--max-waiters",
       "--max-locks",
+      "--max-session-locks",
       "--state-file",
       "--auth-token-file",
       "--tls-cert",
@@ -298,4 +299,28 @@ Deno.test("a lease or wait longer than setTimeout's range neither spins nor warn
   assert.ok(used < 30, `the idle server used ${used / 100} s of CPU in 1 s`);
   assert.equal(/TimeoutOverflow/.test(srv.stderr()), false, srv.stderr());
   assert.equal(await holder.request(".keepalive"), "alive");
+});
+
+Deno.test("server: --max-session-locks and TCPNETLOCK_MAX_SESSION_LOCKS set a session's max-ids; bad values exit 2", async () => {
+  {
+    await using srv = await startServerProcess(["--max-session-locks", "2"]);
+    await using c = await RawClient.connect(srv.port);
+    assert.equal(await c.request("session"), "session,version:3,max-ids:2");
+    await c.write("lock,id:a,name:f1\nlock,id:b,name:f2\nlock,id:c,name:f3\n");
+    const replies = [await c.line(), await c.line(), await c.line()];
+    // Replies for different ids come in any order.
+    assert.ok(replies.includes("err,too many locks,id:c"), JSON.stringify(replies));
+  }
+  {
+    await using srv = await startServerProcess([], {
+      env: { TCPNETLOCK_MAX_SESSION_LOCKS: "3" },
+    });
+    await using c = await RawClient.connect(srv.port);
+    assert.equal(await c.request("session"), "session,version:3,max-ids:3");
+  }
+  for (const bad of ["0", "-1", "many"]) {
+    const r = await runServer(["--max-session-locks", bad]);
+    assert.equal(r.code, 2, bad);
+    assert.match(r.stderr, /--max-session-locks/);
+  }
 });

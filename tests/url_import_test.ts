@@ -9,7 +9,13 @@ import assert from "node:assert/strict";
 import { ROOT, startTestServer } from "./test_util.ts";
 
 /** The files client.ts may pull in (the command line's module only when run as a program). */
-const LIBRARY = ["/client.ts", "/lib/protocol.ts", "/lib/lines.ts", "/lib/errors.ts"];
+const LIBRARY = [
+  "/client.ts",
+  "/lib/protocol.ts",
+  "/lib/lines.ts",
+  "/lib/errors.ts",
+  "/lib/client_session.ts",
+];
 const CLI = "/lib/client_cli.ts";
 /** What the command line imports besides the library (lazily, only when run as a program). */
 const CLI_PARTS = [CLI, "/lib/holders.ts"];

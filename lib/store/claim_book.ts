@@ -357,6 +357,9 @@ export class ClaimBook<X> {
     const now = this.#clock.now();
     this.#finish(claim);
     const heldMs = from === "holding" ? now - claim.grantedAt : 0;
+    // An owner's own lease (a session's `ttl`) ran out: counted like the book's own expiries.
+    if (reason === "expired" && from === "holding") this.counters.expired++;
+    else if (reason === "timeout" && from !== "holding") this.counters.timedOut++;
     this.#onEvent?.({ type: "ended", claim, reason, heldMs });
     return this.#hooks.left(claim, from, reason) ?? RESOLVED;
   }
