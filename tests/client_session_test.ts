@@ -168,7 +168,6 @@ const OLDER = olderCommit();
 if (OLDER === undefined) {
   console.warn("client_session_test: no git history here: the older-server test is skipped");
 }
-}
 
 Deno.test("every lock of a client shares one session: one connection to the server", async () => {
   await using srv = await startTestServer();
