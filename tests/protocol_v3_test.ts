@@ -369,3 +369,25 @@ Deno.test("session: server shutdown frees the session's locks and closes it", as
   assert.equal(srv.server.table.holders, 0);
   s.raw.close();
 });
+
+Deno.test("session: mode:shared locks of two sessions hold at once; a writer queues behind them", async () => {
+  await using srv = await startTestServer();
+  await using a = await RawSession.open(srv.port);
+  await using b = await RawSession.open(srv.port);
+  await a.send("lock,id:r,name:ds,mode:shared");
+  assert.match(await a.until(/,id:r$/), /^ok,token:\d+,id:r$/);
+  await b.send("lock,id:r,name:ds,mode:shared", "lock,id:w,name:ds,mode:exclusive,wait:10");
+  assert.match(await b.until(/,id:r$/), /^ok,token:\d+,id:r$/);
+  assert.equal(await b.until(/,id:w$/), "queued,position:1,id:w");
+  // A reader after the waiting writer waits too; a bad mode is refused with its id.
+  await a.send("lock,id:r2,name:ds,mode:shared,wait:10", "lock,id:x,name:ds,mode:read");
+  assert.equal(await a.until(/,id:x$/), "err,invalid mode,id:x");
+  assert.equal(await a.until(/,id:r2$/), "queued,position:2,id:r2");
+  await a.send("release,id:r");
+  assert.equal(await a.until(/,id:r$/), "released,id:r");
+  await b.send("release,id:r");
+  assert.equal(await b.until(/,id:r$/), "released,id:r");
+  assert.match(await b.until(/^ok,.*,id:w$/), /^ok,token:\d+,id:w$/);
+  await b.send("release,id:w");
+  assert.match(await a.until(/^ok,.*,id:r2$/), /^ok,token:\d+,id:r2$/);
+});
