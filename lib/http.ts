@@ -66,7 +66,7 @@ export interface HostPort {
 const log = getLogger(["tcpnetlock", "http"]);
 
 /**
- * Reads `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (every IPv4 address); undefined when malformed.
+ * Reads `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (loopback, 127.0.0.1); undefined when malformed.
  *
  * @example
  * ```ts
@@ -79,7 +79,7 @@ export function parseHostPort(text: string): HostPort | undefined {
   if (m === null) return undefined;
   const port = Number(m[3]);
   if (port > 65535) return undefined;
-  return { hostname: m[1] ?? (m[2] || "0.0.0.0"), port };
+  return { hostname: m[1] ?? (m[2] || "127.0.0.1"), port };
 }
 
 /** Formats an address as `host:port` (`[ip6]:port`). */

@@ -11,6 +11,7 @@
  */
 
 import { LineReader, type LineResult } from "./lines.ts";
+import type { StreamConn } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import {
   Action,
@@ -39,12 +40,14 @@ export interface SessionHost {
   requestShutdown(remote: string): void;
   /** The session is over. */
   sessionEnded(session: Session): void;
+  /** The session's first line carried the right token (only called when one is configured). */
+  authenticated(session: Session): void;
   /** Something unexpected happened to a connection. */
   warn(message: string, props: Record<string, unknown>): void;
 }
 
-/** The stream a session talks over (`Deno.Conn` or `Deno.TlsConn`). */
-export type Conn = Deno.Conn | Deno.TlsConn;
+/** The stream a session talks over (a `Deno.Conn`, or TLS over one). */
+export type Conn = StreamConn;
 
 const encoder = new TextEncoder();
 const encoded = new Map<string, Uint8Array>();
@@ -116,6 +119,8 @@ export class Session implements ClaimHandler {
   #reading = false;
   /** Set once a last reply is on its way. */
   #finishing: Promise<void> | undefined;
+  /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
+  #writeSince = 0;
 
   constructor(conn: Conn, host: SessionHost) {
     this.#conn = conn;
@@ -166,6 +171,42 @@ export class Session implements ClaimHandler {
   /** Ends the session from outside (server shutdown): the lock is freed, the socket closed. */
   shutdown(): void {
     this.#endReason = "shutdown";
+    this.#close();
+  }
+
+  /**
+   * Closes a connection that has not authenticated to make room for a newer one: it gets
+   * `err,too many connections` if that can be written at once, and is closed either way.
+   */
+  evict(): void {
+    if (this.#state !== "first") return;
+    this.#state = "closing";
+    const conn = this.#conn;
+    const bytes = line(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}`, true);
+    const timer = setTimeout(() => this.#close(), 100);
+    conn.write(bytes).catch(() => {}).finally(() => {
+      clearTimeout(timer);
+      this.#close();
+    });
+  }
+
+  /**
+   * Called by the server's write watchdog: closes the connection (freeing its lock) when a write
+   * has been waiting for the peer to read for more than `limitMs`.
+   */
+  checkWrite(now: number, limitMs: number): void {
+    if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
+    if (this.#state === "closed") return;
+    this.#host.warn(
+      "Closing the connection of {peer}: it has not read its replies for {seconds} s",
+      {
+        event: "disconnected",
+        reason: "write timeout",
+        peer: this.remote,
+        seconds: Math.round(limitMs) / 1000,
+      },
+    );
+    this.#writeSince = 0;
     this.#close();
   }
 
@@ -272,6 +313,7 @@ export class Session implements ClaimHandler {
         await this.#finish(`${Reply.ERR},${ErrorReason.UNAUTHORIZED}`);
         return false;
       }
+      host.authenticated(this);
     }
     switch (req.action) {
       case Action.LOCK:
@@ -403,7 +445,11 @@ export class Session implements ClaimHandler {
     this.#writing = this.#writing.then(async () => {
       const bytes = late === undefined ? reserved : line(late());
       let done = 0;
-      while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+      while (done < bytes.length) {
+        this.#writeSince = performance.now();
+        done += await conn.write(bytes.subarray(done));
+      }
+      this.#writeSince = 0;
       this.#owed -= reserved.length;
     });
     this.#writing.catch(() => this.#close());
