@@ -143,11 +143,13 @@ class TlsStreamConn implements StreamConn {
   #ended = false;
   #error: Error | undefined;
   #closed = false;
+  #secure = false;
   #wake: (() => void) | undefined;
 
   constructor(socket: tls.TLSSocket, remoteAddr: Deno.Addr) {
     this.#socket = socket;
     this.remoteAddr = remoteAddr;
+    socket.on("secure", () => this.#secure = true);
     socket.on("data", (chunk: Uint8Array) => {
       this.#chunks.push(chunk);
       this.#queued += chunk.length;
@@ -214,8 +216,18 @@ class TlsStreamConn implements StreamConn {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#socket.destroy();
     this.#notify();
+    const socket = this.#socket;
+    if (!this.#secure || socket.destroyed) {
+      // No handshake yet (or a dead socket): nothing to say goodbye to, the descriptor goes now.
+      socket.destroy();
+      return;
+    }
+    // After a handshake the peer gets a close_notify (rustls clients insist), then the socket
+    // goes; at most a second later if the peer does not take it.
+    const timer = setTimeout(() => socket.destroy(), 1000);
+    socket.once("close", () => clearTimeout(timer));
+    socket.end(() => socket.destroy());
   }
 }
 

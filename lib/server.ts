@@ -20,7 +20,7 @@ import {
   Reply,
   type Stats,
 } from "./protocol.ts";
-import { type Conn, Session, type SessionHost } from "./session.ts";
+import { Session, type SessionHost } from "./session.ts";
 import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
 
