@@ -50,7 +50,7 @@ const LIMIT_FLAGS = [
   "--max-waiters",
   "100000",
 ];
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd"] as const;
+const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "longline"] as const;
 type Scenario = typeof SCENARIOS[number];
 const LETTERS: Record<string, Scenario> = {
   a: "cycles",
@@ -59,6 +59,7 @@ const LETTERS: Record<string, Scenario> = {
   d: "ready",
   e: "do",
   f: "etcd",
+  g: "longline",
 };
 const REEXEC_ENV = "TCPNETLOCK_BENCH_REEXEC";
 const encoder = new TextEncoder();
@@ -80,6 +81,8 @@ interface Sizes {
   heldWarmupPings: number;
   readyReps: number;
   doReps: number;
+  /** Bytes of the over-long line of the longline scenario. */
+  longLineBytes: number;
 }
 
 const FULL: Sizes = {
@@ -97,6 +100,7 @@ const FULL: Sizes = {
   heldWarmupPings: 200,
   readyReps: 5,
   doReps: 5,
+  longLineBytes: 100 << 20,
 };
 
 const QUICK: Sizes = {
@@ -114,6 +118,7 @@ const QUICK: Sizes = {
   heldWarmupPings: 10,
   readyReps: 1,
   doReps: 1,
+  longLineBytes: 4 << 20,
 };
 
 /** Parsed command line. */
@@ -490,8 +495,21 @@ interface EtcdResult {
   errors: number;
 }
 
+/** `.ping` while another client sends one line far over the limit. */
+interface LongLineResult {
+  /** Round trips of `.ping` (connect to `pong`) while the line was being sent and dropped. */
+  ping: Latency;
+  /** From the first byte of the line to the server's close, ms. */
+  lineMs: number;
+  /** What the server answered the line with. */
+  reply: string;
+  errors: number;
+  examples: string[];
+}
+
 interface RunResult {
   etcd?: EtcdResult;
+  longline?: Pair<LongLineResult>;
   cycles?: Pair<CyclesResult[]>;
   handover?: Pair<HandoverResult> & { referenceCyclesPerSecond: number | null };
   held?: Pair<HeldResult>;
@@ -617,6 +635,94 @@ async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
         `${r.errors.total} errors`,
     );
     return r;
+  });
+}
+
+/** A `deno eval` script: sends one line of N bytes (newline last), prints the first reply line. */
+const LONG_LINE_SENDER = `
+const [hostname, port, bytes] = Deno.args;
+const conn = await Deno.connect({ hostname, port: Number(port) });
+const chunk = new Uint8Array(256 * 1024).fill(0x61);
+const reading = (async () => {
+  const buf = new Uint8Array(4096);
+  let text = "";
+  for (;;) {
+    const n = await conn.read(buf).catch(() => null);
+    if (n === null) return text;
+    text += new TextDecoder().decode(buf.subarray(0, n));
+  }
+})();
+try {
+  for (let sent = 0; sent < Number(bytes); ) {
+    sent += await conn.write(chunk.subarray(0, Math.min(chunk.length, Number(bytes) - sent)));
+  }
+  await conn.write(new TextEncoder().encode("\\n"));
+} catch {
+  // the server closed first
+}
+console.log((await reading).split("\\n")[0] || "EOF");
+`;
+
+/**
+ * One client sends a line of `longLineBytes` without a newline until its very end, while
+ * another sends `.ping` on a fresh connection, one after another: how much the dropping of the
+ * line delays everybody else, ours against the floor server (which drops it the same way: reads
+ * to the newline, answers `bad-request`, closes).
+ */
+async function scenarioLongLine(ctx: Context): Promise<Pair<LongLineResult>> {
+  const bytes = ctx.sizes.longLineBytes;
+  return await perServer(ctx, async (target, _server, kind) => {
+    const samples: number[] = [];
+    const examples: string[] = [];
+    let errors = 0;
+    let flooding = true;
+    const pinger = (async () => {
+      const lines = new LineConn();
+      while (flooding) {
+        const t0 = performance.now();
+        try {
+          lines.reset(await Deno.connect(target));
+          await lines.write(encoder.encode(".ping\n"));
+          await lines.expect("pong");
+          samples.push(performance.now() - t0);
+        } catch (e) {
+          errors++;
+          if (examples.length < 10) examples.push(String(e));
+        } finally {
+          lines.close();
+        }
+      }
+    })();
+    // The line is sent by a process of its own, so that sending it does not slow the pinger.
+    const t0 = performance.now();
+    let reply = "";
+    try {
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["eval", LONG_LINE_SENDER, target.hostname, String(target.port), String(bytes)],
+        stdin: "null",
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      reply = decoder.decode(out.stdout).trim();
+      if (!out.success) throw new Error(decoder.decode(out.stderr).trim().slice(-300));
+    } catch (e) {
+      errors++;
+      if (examples.length < 10) examples.push(String(e));
+    }
+    const lineMs = performance.now() - t0;
+    flooding = false;
+    await pinger;
+    if (reply !== "bad-request") {
+      errors++;
+      if (examples.length < 10) examples.push(`the line got ${JSON.stringify(reply)}`);
+    }
+    const ping = latency(samples);
+    progress(
+      `longline ${kind.label}: ${(bytes / 2 ** 20).toFixed(0)} MB dropped in ${
+        lineMs.toFixed(0)
+      } ms, ping p99 ${ping.p99} ms (${ping.count}), ${errors} errors`,
+    );
+    return { ping, lineMs: round1(lineMs), reply, errors, examples };
   });
 }
 
@@ -1027,6 +1133,36 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
     },
   );
 
+  const mb = (sizes.longLineBytes / 2 ** 20).toFixed(0);
+  specs.push(
+    {
+      scenario: "longline",
+      metric: `.ping p99 during a ${mb} MB line`,
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.longline?.ours?.ping, "p99"),
+        floor: lat(r.longline?.floor?.ping, "p99"),
+      }),
+      target: "≤ 2 × floor",
+      check: (_o, _f, ratio) => ratio !== null && ratio <= 2,
+    },
+    {
+      scenario: "longline",
+      metric: `${mb} MB line read and dropped`,
+      unit: "ms",
+      get: (r) => ({ ours: r.longline?.ours?.lineMs, floor: r.longline?.floor?.lineMs }),
+    },
+    {
+      scenario: "longline",
+      metric: "longline errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.longline?.ours?.errors, floor: r.longline?.floor?.errors }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
+
   specs.push(
     {
       scenario: "ready",
@@ -1251,6 +1387,9 @@ export async function main(args: string[]): Promise<number> {
         case "do":
           run.do = await scenarioDo(ctx);
           if (run.do.skipped) note(`do: skipped, ${run.do.skipped}`);
+          break;
+        case "longline":
+          run.longline = await scenarioLongLine(ctx);
           break;
         case "etcd":
           run.etcd = await scenarioEtcd(ctx);

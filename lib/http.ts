@@ -196,7 +196,7 @@ export function startHttpServer(
 
   const address = formatHostPort(server.addr);
   const scheme = options.certificate === undefined ? "http" : "https";
-  startupLog.info("http listening on {address} ({scheme})", {
+  startupLog.info(`${scheme} listening on {address}`, {
     event: "http_started",
     address,
     port: server.addr.port,

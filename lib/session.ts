@@ -142,6 +142,7 @@ export class Session implements ClaimHandler {
       this.#reading = false;
       clearTimeout(this.#timer);
       this.#timer = undefined;
+      if (first.kind === "too-long") await this.#dropRest();
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
         this.#reading = true;
@@ -149,6 +150,7 @@ export class Session implements ClaimHandler {
         this.#reading = false;
         if (next.kind === "eof") break;
         if (next.kind !== "line") {
+          if (next.kind === "too-long") await this.#dropRest();
           this.#finish(Reply.BAD_REQUEST);
         } else if (this.#state === "waiting") {
           if (this.#pending.length >= MAX_PENDING_LINES) this.#finish(Reply.BAD_REQUEST);
@@ -494,6 +496,35 @@ export class Session implements ClaimHandler {
         this.#timer = undefined;
         this.#close();
       }, LINGER_MS);
+    }
+  }
+
+  /**
+   * After a line over the limit: reads and drops the rest of that line up to its newline (or the
+   * end of the stream), however long it is, before `bad-request` is sent. Each read's new bytes
+   * are scanned once, nothing is kept, and every read goes back to the event loop, so other
+   * connections are served meanwhile. The connection is closed if nothing comes for
+   * {@linkcode LINGER_MS}.
+   */
+  async #dropRest(): Promise<void> {
+    const buf = new Uint8Array(64 * 1024);
+    let last = performance.now();
+    const check = (): void => {
+      const idle = performance.now() - last;
+      this.#timer = setTimeout(idle >= LINGER_MS ? () => this.#close() : check, LINGER_MS - idle);
+    };
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(check, LINGER_MS);
+    try {
+      for (;;) {
+        const n = await this.#conn.read(buf);
+        if (n === null) return;
+        last = performance.now();
+        if (buf.subarray(0, n).indexOf(0x0a) >= 0) return;
+      }
+    } finally {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
     }
   }
 

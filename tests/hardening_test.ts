@@ -24,8 +24,8 @@ function fds(pid: number): number {
 
 /** The HTTP port from the server's log. */
 async function httpPort(srv: ServerProcess): Promise<number> {
-  const line = await srv.waitForLog(/http listening on /);
-  return Number(/http listening on \S+:(\d+)/.exec(line)![1]);
+  const line = await srv.waitForLog(/https? listening on /);
+  return Number(/https? listening on \S+:(\d+)/.exec(line)![1]);
 }
 
 /** Opens up to `n` connections, each given `ms` to connect; returns those that did. */
@@ -315,8 +315,8 @@ Deno.test("with --tls-cert the HTTP port serves HTTPS with the same certificate,
       "--http-listen",
       ":0",
     ], { env: { TCPNETLOCK_AUTH_TOKEN: "tok" } });
-    const line = await srv.waitForLog(/http listening on /);
-    assert.match(line, /on 127\.0\.0\.1:\d+ \(https\)/);
+    const line = await srv.waitForLog(/https listening on /);
+    assert.match(line, /https listening on 127\.0\.0\.1:\d+/);
     const http = await httpPort(srv);
     using client = Deno.createHttpClient({ caCerts: [tls.caCert] });
     const res = await fetch(`https://localhost:${http}/metrics`, {
