@@ -223,6 +223,8 @@ async function runServer(
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${ROOT}server.ts`, "--port", "0", ...args],
     env,
+    // A server that starts instead of refusing is killed, and the test fails on its exit code.
+    signal: AbortSignal.timeout(10_000),
     stdin: "null",
     stdout: "null",
     stderr: "piped",
@@ -331,4 +333,46 @@ Deno.test("with --tls-cert the HTTP port serves HTTPS with the same certificate,
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("docs/security.md documents every hardening flag with its variable, as --help lists them", async () => {
+  const doc = await Deno.readTextFile(`${ROOT}docs/security.md`);
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${ROOT}server.ts`, "--help"],
+    stdout: "piped",
+  }).output();
+  const help = new TextDecoder().decode(out.stdout);
+  for (
+    const flag of [
+      "auth-token-file",
+      "max-unauthenticated",
+      "auth-timeout",
+      "first-line-timeout",
+      "max-connections",
+      "write-timeout",
+      "max-line",
+      "tls-cert",
+      "tls-key",
+      "http-listen",
+      "http-max-connections",
+      "http-idle-timeout",
+      "allow-remote-shutdown",
+    ]
+  ) {
+    const m = new RegExp(`--${flag}\\b.*\\[(TCPNETLOCK_[A-Z_]+)\\]`).exec(help);
+    assert.ok(m, `--help lists --${flag} with its variable`);
+    assert.ok(doc.includes(`\`--${flag}`), `docs/security.md: --${flag}`);
+    assert.ok(doc.includes(m[1]), `docs/security.md: ${m[1]}`);
+  }
+  assert.ok(doc.includes("TCPNETLOCK_AUTH_TOKEN`"));
+  // The start-up line as the document shows it.
+  await using srv = await startServerProcess([]);
+  const line = await srv.waitForLog(/listening on/);
+  const shown = /`(tcpnetlock \S+ listening on \S+ \(auth on, TLS on\))`/.exec(doc)![1];
+  const pattern = shown.replace(/[.()]/g, "\\$&").replace("0\\.2\\.0", "\\S+")
+    .replace("127\\.0\\.0\\.1:7654", "127\\.0\\.0\\.1:\\d+").replace(
+      "auth on, TLS on",
+      "auth off, TLS off",
+    );
+  assert.match(line, new RegExp(pattern));
 });
