@@ -56,7 +56,14 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
       throw new Error(`Errors counted: ${JSON.stringify(report.errors)}`);
     }
     // Every measured figure is there, for both servers.
-    for (const name of ["cycles/s, 16 clients", "memory per held lock", "process start"]) {
+    for (
+      const name of [
+        "cycles/s, 16 clients",
+        "memory per held lock",
+        "process start",
+        ".ping p99 during",
+      ]
+    ) {
       const row = report.rows.find((r) => r.metric.startsWith(name));
       if (!row || row.ours === null || row.floor === null) {
         throw new Error(`Row "${name}" has no figures: ${JSON.stringify(row)}`);
