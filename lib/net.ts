@@ -41,6 +41,8 @@ const LOG_EVERY_MS = 1000;
  * second (with how many were not logged) and accepting resumes after a back-off that starts at
  * 10 ms and doubles up to 1 s, back to 10 ms after the next success.
  *
+ * `stopped` says when the caller is closing: the loop then ends on the next error.
+ *
  * @example
  * ```ts
  * import { acceptLoop } from "./net.ts";
@@ -55,6 +57,7 @@ export async function acceptLoop(
   onConn: (conn: Deno.Conn) => void,
   warn: WarnFn,
   what: string,
+  stopped: () => boolean = () => false,
 ): Promise<void> {
   let backoff = FIRST_BACKOFF_MS;
   let lastLog = -Infinity;
@@ -64,7 +67,10 @@ export async function acceptLoop(
     try {
       conn = await listener.accept();
     } catch (err) {
-      if (err instanceof Deno.errors.BadResource || err instanceof Deno.errors.Interrupted) return;
+      if (
+        stopped() || err instanceof Deno.errors.BadResource ||
+        err instanceof Deno.errors.Interrupted
+      ) return;
       const now = performance.now();
       if (now - lastLog >= LOG_EVERY_MS) {
         warn("Accept failed on the {port} port: {error} (retrying in {backoff_ms} ms)", {
@@ -80,6 +86,7 @@ export async function acceptLoop(
         unlogged++;
       }
       await new Promise((resolve) => setTimeout(resolve, backoff));
+      if (stopped()) return;
       backoff = Math.min(MAX_BACKOFF_MS, backoff * 2);
       continue;
     }

@@ -328,7 +328,13 @@ class ServerImpl implements LockServer, SessionHost {
     }
     for (const listener of this.#listeners) {
       this.#accepting.push(
-        acceptLoop(listener, (conn) => this.#accept(conn), (m, p) => log.warning(m, p), "lock"),
+        acceptLoop(
+          listener,
+          (conn) => this.#accept(conn),
+          (m, p) => log.warning(m, p),
+          "lock",
+          () => this.#closing !== undefined,
+        ),
       );
     }
     this.#startWriteWatch();
