@@ -46,8 +46,8 @@ class Session {
 
   /**
    * The next line without `\n` and `\r`; `null` at the end of the stream, `TOO_LONG` for a line
-   * over the limit, which is read and dropped up to its newline first (the same way as the real
-   * server: only new bytes are scanned, nothing is kept).
+   * over the limit, which is answered with `bad-request` at once and then read and dropped up to
+   * its newline (the same way as the real server: only new bytes are scanned, nothing is kept).
    */
   async line(): Promise<string | null | typeof TOO_LONG> {
     for (;;) {
@@ -61,6 +61,8 @@ class Session {
         return text;
       }
       if (this.end - this.start > MAX_LINE) {
+        // Answered at once, as the real server does, then the rest of the line is dropped.
+        await this.write(BAD_REQUEST);
         const drain = new Uint8Array(64 * 1024);
         for (;;) {
           const n = await this.conn.read(drain);
@@ -94,20 +96,14 @@ async function serve(conn: Deno.Conn): Promise<void> {
   try {
     const first = await s.line();
     if (first === null) return;
-    if (first === TOO_LONG) {
-      await s.write(BAD_REQUEST);
-      return;
-    }
+    if (first === TOO_LONG) return;
     const action = first.split(",", 1)[0].trim();
     if (action === "lock") {
       await s.write(first.includes("wait:") ? OK_TOKEN : OK);
       for (;;) {
         const line = await s.line();
         if (line === null) return;
-        if (line === TOO_LONG) {
-          await s.write(BAD_REQUEST);
-          return;
-        }
+        if (line === TOO_LONG) return;
         const what = line.trim();
         if (what === "release") {
           await s.write(RELEASED);

@@ -142,7 +142,7 @@ export class Session implements ClaimHandler {
       this.#reading = false;
       clearTimeout(this.#timer);
       this.#timer = undefined;
-      if (first.kind === "too-long") await this.#dropRest();
+      if (first.kind === "too-long") return await this.#overLong();
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
         this.#reading = true;
@@ -150,7 +150,7 @@ export class Session implements ClaimHandler {
         this.#reading = false;
         if (next.kind === "eof") break;
         if (next.kind !== "line") {
-          if (next.kind === "too-long") await this.#dropRest();
+          if (next.kind === "too-long") return await this.#overLong();
           this.#finish(Reply.BAD_REQUEST);
         } else if (this.#state === "waiting") {
           if (this.#pending.length >= MAX_PENDING_LINES) this.#finish(Reply.BAD_REQUEST);
@@ -500,18 +500,41 @@ export class Session implements ClaimHandler {
   }
 
   /**
+   * A line over the limit: `bad-request` goes out at once (a waiter's or holder's claim is ended
+   * first), then the rest of the line is dropped, then the connection is closed.
+   */
+  async #overLong(): Promise<void> {
+    const claim = this.#claim;
+    this.#claim = undefined;
+    if (claim !== undefined) this.#host.table.end(claim, "disconnected");
+    const written = this.#send(Reply.BAD_REQUEST);
+    // Nothing else is sent from now on.
+    this.#state = "closing";
+    this.#stopPositionTimer();
+    await written;
+    await this.#dropRest();
+  }
+
+  /**
    * After a line over the limit: reads and drops the rest of that line up to its newline (or the
-   * end of the stream), however long it is, before `bad-request` is sent. Each read's new bytes
+   * end of the stream), however long it is, without a half-close first. Each read's new bytes
    * are scanned once, nothing is kept, and every read goes back to the event loop, so other
    * connections are served meanwhile. The connection is closed if nothing comes for
    * {@linkcode LINGER_MS}.
    */
   async #dropRest(): Promise<void> {
     const buf = new Uint8Array(64 * 1024);
-    let last = performance.now();
+    // The idle check looks at a read counter once a linger period, not at a clock per read.
+    let reads = 0;
+    let seen = -1;
     const check = (): void => {
-      const idle = performance.now() - last;
-      this.#timer = setTimeout(idle >= LINGER_MS ? () => this.#close() : check, LINGER_MS - idle);
+      if (reads === seen) {
+        this.#timer = undefined;
+        this.#close();
+        return;
+      }
+      seen = reads;
+      this.#timer = setTimeout(check, LINGER_MS);
     };
     clearTimeout(this.#timer);
     this.#timer = setTimeout(check, LINGER_MS);
@@ -519,8 +542,8 @@ export class Session implements ClaimHandler {
       for (;;) {
         const n = await this.#conn.read(buf);
         if (n === null) return;
-        last = performance.now();
-        if (buf.subarray(0, n).indexOf(0x0a) >= 0) return;
+        reads++;
+        if ((n === buf.length ? buf : buf.subarray(0, n)).indexOf(0x0a) >= 0) return;
       }
     } finally {
       clearTimeout(this.#timer);
