@@ -123,6 +123,30 @@ const SERVER_FLAGS: FlagSpec[] = [
     help: "most open connections",
   },
   {
+    name: "max-unauthenticated",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_MAX_UNAUTHENTICATED",
+    default: "10 % of --max-connections, at least 1; 1000 without it",
+    help: "with an auth token: most connections that have not yet sent an authenticated line",
+  },
+  {
+    name: "auth-timeout",
+    type: "string",
+    arg: "SECONDS",
+    env: "TCPNETLOCK_AUTH_TIMEOUT",
+    default: "5",
+    help: "with an auth token: the first-line timeout (and TLS handshake) of a new connection",
+  },
+  {
+    name: "write-timeout",
+    type: "string",
+    arg: "SECONDS",
+    env: "TCPNETLOCK_WRITE_TIMEOUT",
+    default: "10",
+    help: "close a connection whose owed replies have not moved for this long (its lock is freed)",
+  },
+  {
     name: "max-waiters",
     type: "string",
     arg: "N",
@@ -180,7 +204,24 @@ const SERVER_FLAGS: FlagSpec[] = [
     arg: "HOST:PORT",
     env: "TCPNETLOCK_HTTP_LISTEN",
     default: "off",
-    help: "serve /metrics, /healthz, /readyz and /locks over HTTP here (:PORT: every IPv4 address)",
+    help:
+      "serve /metrics, /healthz, /readyz and /locks over HTTP (HTTPS with --tls-cert) here (:PORT: loopback)",
+  },
+  {
+    name: "http-max-connections",
+    type: "string",
+    arg: "N",
+    env: "TCPNETLOCK_HTTP_MAX_CONNECTIONS",
+    default: "256",
+    help: "most open HTTP connections; more are closed at once",
+  },
+  {
+    name: "http-idle-timeout",
+    type: "string",
+    arg: "SECONDS",
+    env: "TCPNETLOCK_HTTP_IDLE_TIMEOUT",
+    default: "10",
+    help: "close an HTTP connection that sends no complete request for this long",
   },
   {
     name: "allow-remote-shutdown",
@@ -226,6 +267,8 @@ export function parseServerArgs(
     json: boolean;
     /** Where to serve HTTP (`--http-listen`); absent when off. */
     http?: { hostname: string; port: number };
+    /** `--http-max-connections` and `--http-idle-timeout` (seconds), when given. */
+    httpLimits: { maxConnections?: number; idleTimeout?: number };
   }
   | "help"
   | "version" {
@@ -254,12 +297,29 @@ export function parseServerArgs(
   const tokenFile = values["auth-token-file"] as string | undefined;
   if (tokenFile !== undefined) {
     const token = readFlagFile(tokenFile, "the auth token file").trim();
-    if (token === "") throw new UsageError(`The auth token file "${tokenFile}" is empty`);
+    if (token === "") {
+      throw new UsageError(`The auth token file "${tokenFile}" is empty (or only white space)`);
+    }
+    checkToken(token, `the auth token file "${tokenFile}"`);
     options.authToken = token;
   } else {
-    const token = env("TCPNETLOCK_AUTH_TOKEN")?.trim();
-    if (token) options.authToken = token;
+    const raw = env("TCPNETLOCK_AUTH_TOKEN");
+    if (raw !== undefined) {
+      // Set but blank used to turn auth off without a word: refuse it instead.
+      const token = raw.trim();
+      if (token === "") {
+        throw new UsageError("TCPNETLOCK_AUTH_TOKEN is set but empty (or only white space)");
+      }
+      checkToken(token, "TCPNETLOCK_AUTH_TOKEN");
+      options.authToken = token;
+    }
   }
+  const maxUnauthenticated = intFlag(values, "max-unauthenticated", 1);
+  if (maxUnauthenticated !== undefined) options.maxUnauthenticated = maxUnauthenticated;
+  const authTimeout = secondsFlag(values, "auth-timeout");
+  if (authTimeout !== undefined) options.authTimeout = authTimeout;
+  const writeTimeout = secondsFlag(values, "write-timeout");
+  if (writeTimeout !== undefined) options.writeTimeout = writeTimeout;
   const cert = values["tls-cert"] as string | undefined;
   const key = values["tls-key"] as string | undefined;
   if ((cert === undefined) !== (key === undefined)) {
@@ -271,6 +331,8 @@ export function parseServerArgs(
       key: readFlagFile(key, "the TLS key"),
     };
   }
+  const httpMaxConnections = intFlag(values, "http-max-connections", 1);
+  const httpIdleTimeout = secondsFlag(values, "http-idle-timeout");
   let http: HostPort | undefined;
   const httpListen = values["http-listen"] as string | undefined;
   if (httpListen !== undefined) {
@@ -286,7 +348,27 @@ export function parseServerArgs(
     level: levelFromFlags({ debug: values.debug === true, info: values.info === true }),
     json: format === "json",
     ...(http === undefined ? {} : { http }),
+    httpLimits: { maxConnections: httpMaxConnections, idleTimeout: httpIdleTimeout },
   };
+}
+
+/**
+ * Refuses a token no client could send: `auth:TOKEN` ends at a `,`, and white space around it
+ * is trimmed, so a token with a comma, white space or a control character never matches.
+ */
+function checkToken(token: string, where: string): void {
+  // deno-lint-ignore no-control-regex
+  const bad = /[,\s\x00-\x1f\x7f\p{Cc}]/u.exec(token);
+  if (bad !== null) {
+    const what = bad[0] === ","
+      ? "a comma"
+      : /\s/u.test(bad[0])
+      ? "white space"
+      : "a control character";
+    throw new UsageError(
+      `The auth token from ${where} contains ${what}: no client could send it (use letters, digits and punctuation other than ",")`,
+    );
+  }
 }
 
 /**
@@ -343,6 +425,13 @@ export async function main(args: string[]): Promise<number> {
         metrics,
         authToken: options.authToken,
         tls: options.tls !== undefined,
+        ...(options.tls === undefined ? {} : { certificate: options.tls }),
+        ...(parsed.httpLimits.maxConnections === undefined
+          ? {}
+          : { maxConnections: parsed.httpLimits.maxConnections }),
+        ...(parsed.httpLimits.idleTimeout === undefined
+          ? {}
+          : { idleTimeout: parsed.httpLimits.idleTimeout }),
       });
     } catch (err) {
       await server.close();

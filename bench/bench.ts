@@ -74,6 +74,7 @@ const SCENARIOS = [
   "etcd",
   "flood",
   "sessions",
+  "longline",
 ] as const;
 type Scenario = typeof SCENARIOS[number];
 const LETTERS: Record<string, Scenario> = {
@@ -85,6 +86,7 @@ const LETTERS: Record<string, Scenario> = {
   f: "etcd",
   g: "flood",
   h: "sessions",
+  i: "longline",
 };
 const REEXEC_ENV = "TCPNETLOCK_BENCH_REEXEC";
 /**
@@ -120,6 +122,10 @@ interface Sizes {
   floodSettleMs: number;
   /** Locks one session holds at once (the `sessions` scenario). */
   sessionHeld: number;
+  /** Bytes of the over-long line of the longline scenario. */
+  longLineBytes: number;
+  /** How many such lines, one after another. */
+  longLineRepeats: number;
 }
 
 const FULL: Sizes = {
@@ -143,6 +149,8 @@ const FULL: Sizes = {
   floodLineBytes: 100 << 20,
   floodSettleMs: 20000,
   sessionHeld: 10_000,
+  longLineBytes: 100 << 20,
+  longLineRepeats: 8,
 };
 
 const QUICK: Sizes = {
@@ -166,6 +174,8 @@ const QUICK: Sizes = {
   floodLineBytes: 1 << 20,
   floodSettleMs: 500,
   sessionHeld: 500,
+  longLineBytes: 4 << 20,
+  longLineRepeats: 1,
 };
 
 /** Parsed command line. */
@@ -576,7 +586,20 @@ interface SessionsResult {
   client: ClientCyclesResult[];
 }
 
+/** `.ping` while another client sends one line far over the limit. */
+interface LongLineResult {
+  /** Round trips of `.ping` (connect to `pong`) while the line was being sent and dropped. */
+  ping: Latency;
+  /** From the first byte of the line to the server's close, ms (mean over the lines). */
+  lineMs: number;
+  /** What the server answered the line with. */
+  reply: string;
+  errors: number;
+  examples: string[];
+}
+
 interface RunResult {
+  longline?: Pair<LongLineResult>;
   sessions?: SessionsResult;
   etcd?: EtcdResult;
   cycles?: CyclesRun;
@@ -811,6 +834,147 @@ async function scenarioFlood(ctx: Context): Promise<Pair<FloodResult>> {
     );
     return r;
   });
+}
+
+/** A `deno eval` script: sends one line of N bytes (newline last), prints the first reply line. */
+const LONG_LINE_SENDER = `
+const [hostname, port, bytes] = Deno.args;
+const conn = await Deno.connect({ hostname, port: Number(port) });
+const chunk = new Uint8Array(256 * 1024).fill(0x61);
+const reading = (async () => {
+  const buf = new Uint8Array(4096);
+  let text = "";
+  for (;;) {
+    const n = await conn.read(buf).catch(() => null);
+    if (n === null) return text;
+    text += new TextDecoder().decode(buf.subarray(0, n));
+  }
+})();
+console.log("sending");
+const t0 = performance.now();
+try {
+  for (let sent = 0; sent < Number(bytes); ) {
+    sent += await conn.write(chunk.subarray(0, Math.min(chunk.length, Number(bytes) - sent)));
+  }
+  await conn.write(new TextEncoder().encode("\\n"));
+} catch {
+  // the server closed first
+}
+const reply = (await reading).split("\\n")[0] || "EOF";
+console.log(reply, (performance.now() - t0).toFixed(1));
+`;
+
+/**
+ * One client sends a line of `longLineBytes` without a newline until its very end, while
+ * another sends `.ping` on a fresh connection, one after another: how much the dropping of the
+ * line delays everybody else, ours against the floor server (which drops it the same way: reads
+ * to the newline, answers `bad-request`, closes).
+ */
+async function scenarioLongLine(ctx: Context): Promise<Pair<LongLineResult>> {
+  const bytes = ctx.sizes.longLineBytes;
+  // Both servers run at once and take turns, one line each, so that a disturbance from outside
+  // (other processes on the machine) hits both alike.
+  const servers: ServerProcess[] = [];
+  const acc = ctx.kinds.map(() => ({
+    samples: [] as number[],
+    examples: [] as string[],
+    errors: 0,
+    lineMs: 0,
+    reply: "",
+  }));
+  try {
+    for (const kind of ctx.kinds) servers.push(await startServer(kind));
+    for (let rep = 0; rep < ctx.sizes.longLineRepeats; rep++) {
+      for (const [i] of ctx.kinds.entries()) {
+        await longLineOnce({ hostname: "127.0.0.1", port: servers[i].port }, bytes, acc[i]);
+      }
+    }
+  } finally {
+    for (const server of servers) await server.stop();
+  }
+  const pair: Pair<LongLineResult> = { ours: null, floor: null };
+  for (const [i, kind] of ctx.kinds.entries()) {
+    const a = acc[i];
+    const ping = latency(a.samples);
+    const lineMs = a.lineMs / ctx.sizes.longLineRepeats;
+    progress(
+      `longline ${kind.label}: ${(bytes / 2 ** 20).toFixed(0)} MB dropped in ${
+        lineMs.toFixed(0)
+      } ms (mean of ${ctx.sizes.longLineRepeats}), ping p99 ${ping.p99} ms (${ping.count}), ${a.errors} errors`,
+    );
+    pair[kind.label] = {
+      ping,
+      lineMs: round1(lineMs),
+      reply: a.reply,
+      errors: a.errors,
+      examples: a.examples,
+    };
+  }
+  return pair;
+}
+
+/**
+ * Sends one line of `bytes` from a process of its own (so that sending it does not slow the
+ * pinger) while pinging; only pings that start while the line is on its way count.
+ */
+async function longLineOnce(
+  target: Target,
+  bytes: number,
+  acc: { samples: number[]; examples: string[]; errors: number; lineMs: number; reply: string },
+): Promise<void> {
+  const fail = (text: string) => {
+    acc.errors++;
+    if (acc.examples.length < 10) acc.examples.push(text);
+  };
+  let flooding = true;
+  let inFlight = false;
+  const pinger = (async () => {
+    const lines = new LineConn();
+    while (flooding) {
+      const t0 = performance.now();
+      const counts = inFlight;
+      try {
+        lines.reset(await Deno.connect(target));
+        await lines.write(encoder.encode(".ping\n"));
+        await lines.expect("pong");
+        if (counts) acc.samples.push(performance.now() - t0);
+      } catch (e) {
+        fail(String(e));
+      } finally {
+        lines.close();
+      }
+    }
+  })();
+  try {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["eval", LONG_LINE_SENDER, target.hostname, String(target.port), String(bytes)],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const stderr = new Response(child.stderr).text();
+    let said = "";
+    for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
+      said += text;
+      if (said.includes("sending\n")) inFlight = true;
+    }
+    inFlight = false;
+    const status = await child.status;
+    const m = /^sending\n(\S+) (\d+(?:\.\d+)?)\n/.exec(said);
+    if (!status.success || m === null) {
+      throw new Error(`the sender said ${JSON.stringify(said)}: ${(await stderr).slice(-300)}`);
+    }
+    await stderr;
+    acc.reply = m[1];
+    acc.lineMs += Number(m[2]);
+    if (m[1] !== "bad-request") fail(`the line got ${JSON.stringify(m[1])}`);
+  } catch (e) {
+    fail(String(e));
+  } finally {
+    inFlight = false;
+    flooding = false;
+    await pinger;
+  }
 }
 
 async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
@@ -1648,6 +1812,35 @@ function sessionRowSpecs(sizes: Sizes): RowSpec[] {
       check: (o) => o === 0,
     },
   );
+  const mb = (sizes.longLineBytes / 2 ** 20).toFixed(0);
+  specs.push(
+    {
+      scenario: "longline",
+      metric: `.ping p99 during a ${mb} MB line`,
+      unit: "ms",
+      get: (r) => ({
+        ours: lat(r.longline?.ours?.ping, "p99"),
+        floor: lat(r.longline?.floor?.ping, "p99"),
+      }),
+      target: "≤ 2 × floor",
+      check: (_o, _f, ratio) => ratio !== null && ratio <= 2,
+    },
+    {
+      scenario: "longline",
+      metric: `${mb} MB line read and dropped`,
+      unit: "ms",
+      get: (r) => ({ ours: r.longline?.ours?.lineMs, floor: r.longline?.floor?.lineMs }),
+    },
+    {
+      scenario: "longline",
+      metric: "longline errors",
+      unit: "",
+      errors: true,
+      get: (r) => ({ ours: r.longline?.ours?.errors, floor: r.longline?.floor?.errors }),
+      target: "0",
+      check: (o) => o === 0,
+    },
+  );
   return specs;
 }
 
@@ -1802,6 +1995,9 @@ export async function main(args: string[]): Promise<number> {
           break;
         case "flood":
           run.flood = await scenarioFlood(ctx);
+          break;
+        case "longline":
+          run.longline = await scenarioLongLine(ctx);
           break;
         case "ready":
           run.ready = await scenarioReady(ctx);

@@ -36,6 +36,7 @@ const BAD_REQUEST = encoder.encode("bad-request\n");
 const MAX_LINE = 1024;
 const NL = 0x0a;
 const decoder = new TextDecoder();
+const TOO_LONG = Symbol("too long");
 
 /** A connection and the bytes read from it but not yet consumed. */
 class Session {
@@ -48,8 +49,12 @@ class Session {
     this.conn = conn;
   }
 
-  /** The next line without `\n` and `\r`; `null` at the end of the stream or over the limit. */
-  async line(): Promise<string | null> {
+  /**
+   * The next line without `\n` and `\r`; `null` at the end of the stream, `TOO_LONG` for a line
+   * over the limit, which is answered with `bad-request` at once and then read and dropped up to
+   * its newline (the same way as the real server: only new bytes are scanned, nothing is kept).
+   */
+  async line(): Promise<string | null | typeof TOO_LONG> {
     for (;;) {
       const nl = this.buf.subarray(this.start, this.end).indexOf(NL);
       if (nl >= 0) {
@@ -60,7 +65,15 @@ class Session {
         this.start = next;
         return text;
       }
-      if (this.end - this.start > MAX_LINE) return null;
+      if (this.end - this.start > MAX_LINE) {
+        // Answered at once, as the real server does, then the rest of the line is dropped.
+        await this.write(BAD_REQUEST);
+        const drain = new Uint8Array(64 * 1024);
+        for (;;) {
+          const n = await this.conn.read(drain);
+          if (n === null || drain.subarray(0, n).indexOf(NL) >= 0) return TOO_LONG;
+        }
+      }
       if (this.start > 0) {
         this.buf.copyWithin(0, this.start, this.end);
         this.end -= this.start;
@@ -100,12 +113,14 @@ async function serve(conn: Deno.Conn): Promise<void> {
   try {
     const first = await s.line();
     if (first === null) return;
+    if (first === TOO_LONG) return;
     const action = first.split(",", 1)[0].trim();
     if (action === "lock") {
       await s.write(first.includes("wait:") ? OK_TOKEN : OK);
       for (;;) {
         const line = await s.line();
         if (line === null) return;
+        if (line === TOO_LONG) return;
         const what = line.trim();
         if (what === "release") {
           await s.write(RELEASED);
@@ -158,7 +173,7 @@ async function serveSession(s: Session): Promise<void> {
   await s.write(encoder.encode("session,version:3,max-ids:10000\n"));
   for (;;) {
     const line = await s.line();
-    if (line === null) return;
+    if (line === null || line === TOO_LONG) return;
     let out = sessionReply(line);
     for (let more = s.buffered(); more !== undefined; more = s.buffered()) {
       out += sessionReply(more);

@@ -1,6 +1,7 @@
 /**
  * The server's HTTP side door (`--http-listen`): Prometheus metrics, health probes and the lock
- * list, served with `Deno.serve`.
+ * list, served by the bounded HTTP/1.1 server of `http_server.ts` (HTTPS with the lock port's
+ * certificate when it has one).
  *
  * | path | answers |
  * |---|---|
@@ -25,6 +26,7 @@ import { LockMetrics, METRICS_CONTENT_TYPE } from "./metrics.ts";
 import { ListenError, type LockServer } from "./server.ts";
 import { LiveFeed } from "./web/events.ts";
 import { pageResponse } from "./web/page.ts";
+import { type BoundedHttpServer, serveHttp } from "./http_server.ts";
 
 /** What the HTTP server reads from the lock server. */
 export type HttpSource = Pick<
@@ -46,6 +48,12 @@ export interface HttpServerOptions {
   tls?: boolean;
   /** Seconds `/readyz` gives the lock port to answer (default 2). */
   readyTimeout?: number;
+  /** Serve HTTPS with this certificate and key (PEM text): the lock port's, when it speaks TLS. */
+  certificate?: { cert: string; key: string };
+  /** Most open HTTP connections; more are closed at once (default 256). */
+  maxConnections?: number;
+  /** Seconds a connection may take to send a whole request (default 10). */
+  idleTimeout?: number;
 }
 
 /** A running HTTP server. */
@@ -71,7 +79,7 @@ export interface HostPort {
 const log = getLogger(["tcpnetlock", "http"]);
 
 /**
- * Reads `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (every IPv4 address); undefined when malformed.
+ * Reads `HOST:PORT`, `[IPV6]:PORT` or `:PORT` (loopback, 127.0.0.1); undefined when malformed.
  *
  * @example
  * ```ts
@@ -84,7 +92,7 @@ export function parseHostPort(text: string): HostPort | undefined {
   if (m === null) return undefined;
   const port = Number(m[3]);
   if (port > 65535) return undefined;
-  return { hostname: m[1] ?? (m[2] || "0.0.0.0"), port };
+  return { hostname: m[1] ?? (m[2] || "127.0.0.1"), port };
 }
 
 /** Formats an address as `host:port` (`[ip6]:port`). */
@@ -169,12 +177,15 @@ export function startHttpServer(
     }
   };
 
-  let server: Deno.HttpServer<Deno.NetAddr>;
+  let server: BoundedHttpServer;
   try {
-    server = Deno.serve({
+    server = serveHttp({
       hostname,
       port: options.port,
-      onListen: () => {},
+      ...(options.certificate === undefined ? {} : { tls: options.certificate }),
+      maxConnections: options.maxConnections ?? 256,
+      idleTimeout: options.idleTimeout ?? 10,
+      warn: (message, props) => log.warning(message, props),
       onError: (err) => {
         log.error("HTTP request failed: {error}", { event: "http_error", error: String(err) });
         return text(500, "internal error");
@@ -196,10 +207,12 @@ export function startHttpServer(
   }
 
   const address = formatHostPort(server.addr);
-  startupLog.info("http listening on {address}", {
+  const scheme = options.certificate === undefined ? "http" : "https";
+  startupLog.info(`${scheme} listening on {address}`, {
     event: "http_started",
     address,
     port: server.addr.port,
+    scheme,
   });
   let closing: Promise<void> | undefined;
   const close = (): Promise<void> => {

@@ -6,6 +6,7 @@
  */
 
 import { tokenMatcher } from "./auth.ts";
+import { acceptLoop, type StreamConn, TlsUpgrader, tuneTcp } from "./net.ts";
 import { getLogger, startupLog } from "./log.ts";
 import { type EtcdServerOptions, EtcdStore } from "./etcd/store.ts";
 import { MemoryStore } from "./store/memory_store.ts";
@@ -19,7 +20,7 @@ import {
   Reply,
   type Stats,
 } from "./protocol.ts";
-import { type Conn, Session, type SessionHost } from "./session.ts";
+import { Session, type SessionHost } from "./session.ts";
 import { DEFAULT_MAX_SESSION_LOCKS } from "./session_v3.ts";
 import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
@@ -38,6 +39,19 @@ export interface ServerOptions {
   maxWait?: number;
   /** Most open connections (default: no limit). */
   maxConnections?: number;
+  /**
+   * With an auth token: most connections that have not yet sent an authenticated first line
+   * (default 10 % of `maxConnections`, at least 1; 1000 without `maxConnections`). Over it, the
+   * oldest of them is closed with `err,too many connections`.
+   */
+  maxUnauthenticated?: number;
+  /** With an auth token: seconds a new connection has to send its first line (default 5). */
+  authTimeout?: number;
+  /**
+   * Seconds a connection's owed replies may stay unwritten (the peer stopped reading) before
+   * the connection is closed and its lock freed (default 10).
+   */
+  writeTimeout?: number;
   /** Most waiters per lock name (default: no limit). */
   maxWaiters?: number;
   /** Most distinct names held or waited on (default: no limit). */
@@ -51,7 +65,7 @@ export interface ServerOptions {
   sessions?: boolean;
   /** When set, every request but `.ping` must carry `auth:TOKEN`. */
   authToken?: string;
-  /** Speak TLS with this certificate and key (PEM text). */
+  /** Speak TLS with this certificate and key (PEM text); the handshake counts as the first line. */
   tls?: { cert: string; key: string };
   /** Obey `.server-shutdown` from any peer, not only loopback ones. */
   allowRemoteShutdown?: boolean;
@@ -215,6 +229,7 @@ class ServerImpl implements LockServer, SessionHost {
   readonly table: LockStore;
   readonly maxLine: number;
   readonly firstLineTimeoutMs: number;
+  readonly writeTimeoutMs: number;
   readonly checkAuth: ((token: string | undefined) => boolean) | undefined;
   readonly allowRemoteShutdown: boolean;
   readonly maxSessionLocks: number;
@@ -223,6 +238,11 @@ class ServerImpl implements LockServer, SessionHost {
   #options: ServerOptions;
   #listeners: Deno.Listener[] = [];
   #sessions = new Set<Session>();
+  /** Sessions that have not yet sent an authenticated line, oldest first (only with a token). */
+  #unauthenticated = new Set<Session>();
+  #maxUnauthenticated: number;
+  #tls: TlsUpgrader | undefined;
+  #writeWatch: ReturnType<typeof setInterval> | undefined;
   #accepting: Promise<void>[] = [];
   #resolveFinished!: () => void;
   #closing: Promise<void> | undefined;
@@ -234,11 +254,20 @@ class ServerImpl implements LockServer, SessionHost {
     this.#options = options;
     this.hostname = options.hostname ?? DEFAULT_HOST;
     this.maxLine = options.maxLine ?? DEFAULT_MAX_LINE;
-    this.firstLineTimeoutMs = Math.min(2 ** 31 - 1, secondsToMs(options.firstLineTimeout, 60_000));
     this.allowRemoteShutdown = options.allowRemoteShutdown ?? false;
     this.maxSessionLocks = options.maxSessionLocks ?? DEFAULT_MAX_SESSION_LOCKS;
     this.sessions = options.sessions ?? true;
     this.checkAuth = options.authToken === undefined ? undefined : tokenMatcher(options.authToken);
+    let firstLineMs = secondsToMs(options.firstLineTimeout, 60_000);
+    // With a token, a connection that has not proved it knows it gets less time.
+    if (this.checkAuth !== undefined) {
+      firstLineMs = Math.min(firstLineMs, secondsToMs(options.authTimeout, 5_000));
+    }
+    this.firstLineTimeoutMs = Math.min(2 ** 31 - 1, firstLineMs);
+    this.writeTimeoutMs = Math.min(2 ** 31 - 1, secondsToMs(options.writeTimeout, 10_000));
+    const max = options.maxConnections;
+    this.#maxUnauthenticated = options.maxUnauthenticated ??
+      (max === undefined ? 1000 : Math.max(1, Math.floor(max / 10)));
     const onEvent = options.onEvent;
     const book = {
       maxWait: options.maxWait,
@@ -273,6 +302,16 @@ class ServerImpl implements LockServer, SessionHost {
   async listen(): Promise<void> {
     // The store gets ready first (etcd: connects; memory: reserves its first tokens); it
     // cleans up after itself on failure.
+    if (this.#options.tls !== undefined) {
+      try {
+        this.#tls = new TlsUpgrader(this.#options.tls);
+      } catch (err) {
+        const text = err instanceof Error ? err.message : String(err);
+        throw new ListenError(`Cannot use the TLS certificate and key: ${text.split("\n")[0]}`, {
+          cause: err,
+        });
+      }
+    }
     await this.table.start();
     const wanted = this.#options.port ?? DEFAULT_PORT;
     // "localhost" may resolve to 127.0.0.1 or to ::1 depending on the machine: listen on both,
@@ -299,10 +338,23 @@ class ServerImpl implements LockServer, SessionHost {
         throw this.#listenError(err);
       }
     }
-    for (const listener of this.#listeners) this.#accepting.push(this.#acceptLoop(listener));
-    startupLog.info("tcpnetlock {version} listening on {address}", {
+    for (const listener of this.#listeners) {
+      this.#accepting.push(
+        acceptLoop(
+          listener,
+          (conn) => this.#accept(conn),
+          (m, p) => log.warning(m, p),
+          "lock",
+          () => this.#closing !== undefined,
+        ),
+      );
+    }
+    this.#startWriteWatch();
+    startupLog.info("tcpnetlock {version} listening on {address} (auth {auth}, TLS {tls})", {
       event: "started",
       version: VERSION,
+      auth: this.checkAuth === undefined ? "off" : "on",
+      tls: this.#tls === undefined ? "off" : "on",
       address: this.addrs.map((a) =>
         `${a.hostname.includes(":") ? `[${a.hostname}]` : a.hostname}:${a.port}`
       )
@@ -315,10 +367,8 @@ class ServerImpl implements LockServer, SessionHost {
   /** Listens on one address; for an optional one (::1 of localhost), undefined when it has none. */
   #listenOne(host: string, port: number, optional: boolean): Deno.Listener | undefined {
     try {
-      const tls = this.#options.tls;
-      return tls
-        ? Deno.listenTls({ hostname: host, port, cert: tls.cert, key: tls.key, transport: "tcp" })
-        : Deno.listen({ hostname: host, port, transport: "tcp" });
+      // Plain TCP also for TLS: the handshake is run per connection (see lib/net.ts).
+      return Deno.listen({ hostname: host, port, transport: "tcp" });
     } catch (err) {
       if (optional && !(err instanceof Deno.errors.AddrInUse)) {
         log.debug("Not listening on {host}: {error}", { host, error: String(err) });
@@ -340,54 +390,42 @@ class ServerImpl implements LockServer, SessionHost {
     return new ListenError(`Cannot listen on "${where}": ${text.split("\n")[0]}`, { cause: err });
   }
 
-  async #acceptLoop(listener: Deno.Listener): Promise<void> {
-    for (;;) {
-      let conn: Conn;
-      try {
-        conn = await listener.accept();
-      } catch (err) {
-        if (this.#closing !== undefined || err instanceof Deno.errors.BadResource) return;
-        // Out of file descriptors and the like: say so, wait a little, and go on accepting.
-        log.warning("Accept failed on {address}: {error}", {
-          event: "accept_failed",
-          address: `${(listener.addr as Deno.NetAddr).hostname}`,
-          error: String(err),
-        });
-        await new Promise((resolve) => setTimeout(resolve, 50));
-        if (this.#closing !== undefined) return;
-        continue;
-      }
-      this.#accept(conn);
-    }
+  /**
+   * One watchdog for every connection's writes: a write that has not moved for the write timeout
+   * means a peer that stopped reading; its connection is closed (its lock freed).
+   */
+  #startWriteWatch(): void {
+    const every = Math.max(20, Math.min(1000, this.writeTimeoutMs / 4));
+    this.#writeWatch = setInterval(() => {
+      const now = performance.now();
+      for (const s of this.#sessions) s.checkWrite(now, this.writeTimeoutMs);
+    }, every);
+    Deno.unrefTimer(this.#writeWatch);
   }
 
-  #accept(conn: Conn): void {
+  #accept(tcp: Deno.Conn): void {
     if (this.#closing !== undefined) {
-      conn.close();
+      tcp.close();
       return;
     }
     this.#requests++;
-    try {
-      const tcp = conn as Deno.TcpConn;
-      if (typeof tcp.setNoDelay === "function") {
-        tcp.setNoDelay(true);
-        // Lets the kernel find peers that vanished without a FIN or RST (see the README).
-        tcp.setKeepAlive(true);
-      }
-    } catch {
-      // not a TCP socket option this platform has
-    }
+    tuneTcp(tcp);
     const max = this.#options.maxConnections;
-    if (max !== undefined && this.#sessions.size >= max) {
+    if (max !== undefined && this.#sessions.size >= max && !this.#evictUnauthenticated()) {
       log.warning("Refused a connection: too many connections ({max})", {
         event: "refused",
         reason: "too many connections",
         max,
       });
-      conn.write(TOO_MANY_CONNECTIONS).then(() => conn.closeWrite()).catch(() => {}).finally(
+      if (this.#tls !== undefined) {
+        // No handshake for a connection that is refused anyway.
+        tcp.close();
+        return;
+      }
+      tcp.write(TOO_MANY_CONNECTIONS).then(() => tcp.closeWrite()).catch(() => {}).finally(
         () => {
           try {
-            conn.close();
+            tcp.close();
           } catch {
             // already closed
           }
@@ -395,9 +433,33 @@ class ServerImpl implements LockServer, SessionHost {
       );
       return;
     }
+    const conn: StreamConn = this.#tls === undefined ? tcp : this.#tls.upgrade(tcp);
     const session = new Session(conn, this);
     this.#sessions.add(session);
+    if (this.checkAuth !== undefined) {
+      this.#unauthenticated.add(session);
+      if (this.#unauthenticated.size > this.#maxUnauthenticated) this.#evictUnauthenticated();
+    }
     session.run();
+  }
+
+  /** Closes the oldest connection that has not authenticated yet; false when there is none. */
+  #evictUnauthenticated(): boolean {
+    const oldest = this.#unauthenticated.values().next();
+    if (oldest.done) return false;
+    const session = oldest.value;
+    this.#unauthenticated.delete(session);
+    log.warning(
+      "Closed the unauthenticated connection of {peer}: too many unauthenticated connections ({max})",
+      {
+        event: "refused",
+        reason: "too many unauthenticated connections",
+        peer: session.remote,
+        max: this.#maxUnauthenticated,
+      },
+    );
+    session.evict();
+    return true;
   }
 
   // --- SessionHost
@@ -420,6 +482,11 @@ class ServerImpl implements LockServer, SessionHost {
 
   sessionEnded(session: Session): void {
     this.#sessions.delete(session);
+    this.#unauthenticated.delete(session);
+  }
+
+  authenticated(session: Session): void {
+    this.#unauthenticated.delete(session);
   }
 
   warn(message: string, props: Record<string, unknown>): void {
@@ -454,6 +521,7 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   async #closeNow(): Promise<void> {
+    clearInterval(this.#writeWatch);
     for (const l of this.#listeners) {
       try {
         l.close();

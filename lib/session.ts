@@ -11,6 +11,7 @@
  */
 
 import { LineReader, type LineResult } from "./lines.ts";
+import type { StreamConn } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import { modeFitsLimit } from "./store/rules.ts";
 import {
@@ -47,12 +48,14 @@ export interface SessionHost {
   requestShutdown(remote: string): void;
   /** The session is over. */
   sessionEnded(session: Session): void;
+  /** The session's first line carried the right token (only called when one is configured). */
+  authenticated(session: Session): void;
   /** Something unexpected happened to a connection. */
   warn(message: string, props: Record<string, unknown>): void;
 }
 
-/** The stream a session talks over (`Deno.Conn` or `Deno.TlsConn`). */
-export type Conn = Deno.Conn | Deno.TlsConn;
+/** The stream a session talks over (a `Deno.Conn`, or TLS over one). */
+export type Conn = StreamConn;
 
 const encoder = new TextEncoder();
 const encoded = new Map<string, Uint8Array>();
@@ -126,6 +129,8 @@ export class Session implements ClaimHandler {
   #finishing: Promise<void> | undefined;
   /** Set when the connection became a session (version 3, `session_v3.ts`). */
   #multi: MultiSession | undefined;
+  /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
+  #writeSince = 0;
 
   constructor(conn: Conn, host: SessionHost) {
     this.#conn = conn;
@@ -147,6 +152,7 @@ export class Session implements ClaimHandler {
       this.#reading = false;
       clearTimeout(this.#timer);
       this.#timer = undefined;
+      if (first.kind === "too-long") return await this.#overLong();
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
         this.#reading = true;
@@ -154,6 +160,7 @@ export class Session implements ClaimHandler {
         this.#reading = false;
         if (next.kind === "eof") break;
         if (next.kind !== "line") {
+          if (next.kind === "too-long") return await this.#overLong();
           this.#finish(Reply.BAD_REQUEST);
         } else if (this.#state === "waiting") {
           if (this.#pending.length >= MAX_PENDING_LINES) this.#finish(Reply.BAD_REQUEST);
@@ -177,6 +184,43 @@ export class Session implements ClaimHandler {
   shutdown(): void {
     this.#endReason = "shutdown";
     this.#multi?.shutdown();
+    this.#close();
+  }
+
+  /**
+   * Closes a connection that has not authenticated to make room for a newer one: it gets
+   * `err,too many connections` if that can be written at once, and is closed either way.
+   */
+  evict(): void {
+    if (this.#state !== "first") return;
+    this.#state = "closing";
+    const conn = this.#conn;
+    const bytes = line(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}`, true);
+    const timer = setTimeout(() => this.#close(), 100);
+    conn.write(bytes).catch(() => {}).finally(() => {
+      clearTimeout(timer);
+      this.#close();
+    });
+  }
+
+  /**
+   * Called by the server's write watchdog: closes the connection (freeing its lock) when a write
+   * has been waiting for the peer to read for more than `limitMs`.
+   */
+  checkWrite(now: number, limitMs: number): void {
+    if (this.#multi !== undefined) return this.#multi.checkWrite(now, limitMs);
+    if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
+    if (this.#state === "closed") return;
+    this.#host.warn(
+      "Closing the connection of {peer}: it has not read its replies for {seconds} s",
+      {
+        event: "disconnected",
+        reason: "write timeout",
+        peer: this.remote,
+        seconds: Math.round(limitMs) / 1000,
+      },
+    );
+    this.#writeSince = 0;
     this.#close();
   }
 
@@ -283,6 +327,7 @@ export class Session implements ClaimHandler {
         await this.#finish(`${Reply.ERR},${ErrorReason.UNAUTHORIZED}`);
         return false;
       }
+      host.authenticated(this);
     }
     switch (req.action) {
       case Action.LOCK:
@@ -445,7 +490,11 @@ export class Session implements ClaimHandler {
     this.#writing = this.#writing.then(async () => {
       const bytes = late === undefined ? reserved : line(late());
       let done = 0;
-      while (done < bytes.length) done += await conn.write(bytes.subarray(done));
+      while (done < bytes.length) {
+        this.#writeSince = performance.now();
+        done += await conn.write(bytes.subarray(done));
+      }
+      this.#writeSince = 0;
       this.#owed -= reserved.length;
     });
     this.#writing.catch(() => this.#close());
@@ -490,6 +539,58 @@ export class Session implements ClaimHandler {
         this.#timer = undefined;
         this.#close();
       }, LINGER_MS);
+    }
+  }
+
+  /**
+   * A line over the limit: `bad-request` goes out at once (a waiter's or holder's claim is ended
+   * first), then the rest of the line is dropped, then the connection is closed.
+   */
+  async #overLong(): Promise<void> {
+    const claim = this.#claim;
+    this.#claim = undefined;
+    if (claim !== undefined) this.#host.table.end(claim, "disconnected");
+    const written = this.#send(Reply.BAD_REQUEST);
+    // Nothing else is sent from now on.
+    this.#state = "closing";
+    this.#stopPositionTimer();
+    await written;
+    await this.#dropRest();
+  }
+
+  /**
+   * After a line over the limit: reads and drops the rest of that line up to its newline (or the
+   * end of the stream), however long it is, without a half-close first. Each read's new bytes
+   * are scanned once, nothing is kept, and every read goes back to the event loop, so other
+   * connections are served meanwhile. The connection is closed if nothing comes for
+   * {@linkcode LINGER_MS}.
+   */
+  async #dropRest(): Promise<void> {
+    const buf = new Uint8Array(64 * 1024);
+    // The idle check looks at a read counter once a linger period, not at a clock per read.
+    let reads = 0;
+    let seen = -1;
+    const check = (): void => {
+      if (reads === seen) {
+        this.#timer = undefined;
+        this.#close();
+        return;
+      }
+      seen = reads;
+      this.#timer = setTimeout(check, LINGER_MS);
+    };
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(check, LINGER_MS);
+    try {
+      for (;;) {
+        const n = await this.#conn.read(buf);
+        if (n === null) return;
+        reads++;
+        if ((n === buf.length ? buf : buf.subarray(0, n)).indexOf(0x0a) >= 0) return;
+      }
+    } finally {
+      clearTimeout(this.#timer);
+      this.#timer = undefined;
     }
   }
 

@@ -11,6 +11,7 @@
  */
 
 import type { LineReader, LineResult } from "./lines.ts";
+import type { StreamConn } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import { modeFitsLimit } from "./store/rules.ts";
 import {
@@ -111,9 +112,11 @@ class Entry implements ClaimHandler {
  */
 export class MultiSession {
   readonly remote: string;
-  readonly #conn: Deno.Conn;
+  readonly #conn: StreamConn;
   readonly #reader: LineReader;
   readonly #host: MultiSessionHost;
+  /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
+  #writeSince = 0;
   readonly #clientId: string;
   readonly #ttlMs: number | undefined;
   /** Live ids: waiting, holding, or pending in the store. */
@@ -134,7 +137,7 @@ export class MultiSession {
   #endReason: EndReason = "disconnected";
 
   constructor(
-    conn: Deno.Conn,
+    conn: StreamConn,
     reader: LineReader,
     host: MultiSessionHost,
     remote: string,
@@ -441,7 +444,11 @@ export class MultiSession {
         const bytes = encoder.encode(this.#out.join("\n") + "\n");
         this.#out = [];
         let done = 0;
-        while (done < bytes.length) done += await this.#conn.write(bytes.subarray(done));
+        while (done < bytes.length) {
+          this.#writeSince = performance.now();
+          done += await this.#conn.write(bytes.subarray(done));
+        }
+        this.#writeSince = 0;
         this.#outBytes -= bytes.length;
       }
     } catch {
@@ -498,6 +505,26 @@ export class MultiSession {
   }
 
   /** Closes the socket at once and frees whatever the session held or waited for. */
+  /**
+   * Called (through the connection's {@linkcode Session}) by the server's write watchdog: a
+   * session whose peer has not read for more than `limitMs` is closed, every lock of it freed.
+   */
+  checkWrite(now: number, limitMs: number): void {
+    if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
+    if (this.#state === "closed") return;
+    this.#host.warn(
+      "Closing the session of {peer}: it has not read its replies for {seconds} s",
+      {
+        event: "disconnected",
+        reason: "write timeout",
+        peer: this.remote,
+        seconds: Math.round(limitMs) / 1000,
+      },
+    );
+    this.#writeSince = 0;
+    this.close();
+  }
+
   close(): void {
     if (this.#state === "closed") return;
     this.#endAll();

@@ -6,7 +6,17 @@
 
 import { ROOT } from "./test_util.ts";
 
-const SCENARIOS = ["cycles", "handover", "held", "ready", "do", "etcd", "flood", "sessions"];
+const SCENARIOS = [
+  "cycles",
+  "handover",
+  "held",
+  "ready",
+  "do",
+  "etcd",
+  "flood",
+  "sessions",
+  "longline",
+];
 
 interface ScenarioReport {
   skipped?: string;
@@ -68,6 +78,7 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
         "process start",
         "RSS after",
         "session cycles/s, 16 lockers",
+        ".ping p99 during",
       ]
     ) {
       const row = report.rows.find((r) => r.metric.startsWith(name));

@@ -323,7 +323,7 @@ export async function spawnServer(
     if (info) {
       const listening = new Promise<string>((resolve) => {
         onText = () => {
-          const m = /listening on .*:(\d+)\s*$/m.exec(text);
+          const m = /listening on \S*:(\d+)\b/m.exec(text);
           if (m) {
             onText = undefined;
             resolve(m[1]);

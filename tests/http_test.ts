@@ -396,7 +396,7 @@ Deno.test("--http-listen takes HOST:PORT, [IPV6]:PORT or :PORT and is off by def
     hostname: "127.0.0.1",
     port: 9464,
   });
-  assert.deepEqual(http(["--http-listen", ":9464"]), { hostname: "0.0.0.0", port: 9464 });
+  assert.deepEqual(http(["--http-listen", ":9464"]), { hostname: "127.0.0.1", port: 9464 });
   assert.deepEqual(http(["--http-listen", "[::1]:0"]), { hostname: "::1", port: 0 });
   assert.deepEqual(http(["--http-listen", "metrics.local:80"]), {
     hostname: "metrics.local",

@@ -46,6 +46,11 @@ Deno.test("server --help lists every flag with its variable; --version prints th
       "--tls-key",
       "--allow-remote-shutdown",
       "--log-format",
+      "--max-unauthenticated",
+      "--auth-timeout",
+      "--write-timeout",
+      "--http-max-connections",
+      "--http-idle-timeout",
     ]
   ) {
     assert.ok(help.stdout.includes(flag), flag);

@@ -143,11 +143,18 @@ export interface ServerProcess extends AsyncDisposable {
  */
 export async function startServerProcess(
   args: string[] = [],
-  options: { env?: Record<string, string>; listen?: string } = {},
+  options: {
+    env?: Record<string, string>;
+    listen?: string;
+    /** Run it under `ulimit -n` this low (bash execs the server: the pid is the server's). */
+    fdLimit?: number;
+  } = {},
 ): Promise<ServerProcess> {
   const hasPort = args.includes("--port");
-  const child = new Deno.Command(Deno.execPath(), {
+  const limited = options.fdLimit !== undefined;
+  const child = new Deno.Command(limited ? "bash" : Deno.execPath(), {
     args: [
+      ...(limited ? ["-c", `ulimit -n ${options.fdLimit} && exec "$0" "$@"`, Deno.execPath()] : []),
       "run",
       "-A",
       `${ROOT}server.ts`,
