@@ -20,6 +20,15 @@ import {
   TcpNetLockError,
 } from "../client.ts";
 import { startServerProcess, startTestServer, until } from "./test_util.ts";
+import type { LockInfo } from "../lib/protocol.ts";
+
+/** What `.locks` shows once the store has caught up with its own writes (etcd: the watch). */
+async function settledLocks(
+  srv: { server: { table: { settled(): Promise<void> }; locks(): LockInfo[] } },
+): Promise<LockInfo[]> {
+  await srv.server.table.settled();
+  return srv.server.locks();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Assertions (node:assert/strict, plus the ones that return what they checked)
@@ -271,12 +280,12 @@ test("lock() takes a free lock and release() frees it", async () => {
   assert.deepEqual(lock.name, "db");
   assert.deepEqual(lock.server, `127.0.0.1:${srv.port}`);
   assert.ok(lock.held);
-  const [info] = srv.server.locks();
+  const [info] = await settledLocks(srv);
   assert.deepEqual(info.name, "db");
   assert.deepEqual(info.holders[0].client_id, "worker-1");
   await lock.release();
   assert.ok(!lock.held);
-  assert.deepEqual(srv.server.locks(), []);
+  assert.deepEqual(await settledLocks(srv), []);
   assert.deepEqual(await lock.closed, undefined);
   assert.ok(!lock.signal.aborted, "a release is not a loss");
   await lock.release(); // idempotent
@@ -302,7 +311,7 @@ test("lock() without wait, ttl or limit sends the version 1 request and gets no 
   await using proxy = new TcpProxy(srv.port);
   const client = new TestClient({ host: "127.0.0.1", port: proxy.port, clientId: "c.1@x" });
   const lock = await client.lock("db");
-  greater(srv.server.locks()[0].holders[0].token, 0); // the server did take a token
+  greater((await settledLocks(srv))[0].holders[0].token, 0); // the server did take a token
   await lock.release();
   if (transport === "connection") {
     assert.equal(lock.token, undefined);
@@ -344,7 +353,7 @@ test("lock(), tryLock() and withLock() take shared locks with mode; mode is sent
   const r1 = await client.lock("ds", { mode: "shared" });
   const r2 = await client.lock("ds", { mode: "shared", wait: 0 });
   greater(r2.token, r1.token);
-  assert.deepEqual(srv.server.locks()[0].holders.map((h) => h.mode), ["shared", "shared"]);
+  assert.deepEqual((await settledLocks(srv))[0].holders.map((h) => h.mode), ["shared", "shared"]);
   // A writer is refused beside readers; a queued one blocks the readers after it.
   assert.equal(await client.tryLock("ds", { mode: "exclusive" }), null);
   const positions: number[] = [];
@@ -410,12 +419,12 @@ test("lock() with wait queues in FIFO order, reports positions, and hands over o
     },
   });
   await cQueued.promise;
-  assert.deepEqual(srv.server.locks()[0].waiting, 2);
+  assert.deepEqual((await settledLocks(srv))[0].waiting, 2);
 
   await holder.release();
   const lockB = await b;
   await cFirst.promise;
-  assert.deepEqual(srv.server.locks()[0].holders.map((h) => h.client_id), ["b"]);
+  assert.deepEqual((await settledLocks(srv))[0].holders.map((h) => h.client_id), ["b"]);
   await lockB.release();
   const lockC = await c;
   await lockC.release();
@@ -488,7 +497,7 @@ test("a lock with a ttl stays held past several ttls thanks to automatic keepali
   // The passing of time is what is tested: more than three ttls.
   await new Promise((resolve) => setTimeout(resolve, 1600));
   assert.ok(lock.held, String(lock.signal.reason));
-  assert.deepEqual(srv.server.locks().length, 1);
+  assert.deepEqual((await settledLocks(srv)).length, 1);
   assert.deepEqual(srv.server.stats().lock_expired_count, 0);
   await lock.release();
 });
@@ -609,14 +618,14 @@ test("release() gives up waiting for an unconfirmed release and closes the conne
 test("withLock() runs the function under the lock and releases it", async () => {
   await using srv = await startTestServer();
   const client = new TestClient({ host: "127.0.0.1", port: srv.port });
-  const result = await client.withLock("db", ({ token, signal, lock }) => {
-    assert.deepEqual(srv.server.locks()[0].holders[0].token, token);
+  const result = await client.withLock("db", async ({ token, signal, lock }) => {
+    assert.deepEqual((await settledLocks(srv))[0].holders[0].token, token);
     assert.ok(!signal.aborted);
     assert.deepEqual(lock.name, "db");
     return 42;
   }, { wait: 0 });
   assert.deepEqual(result, 42);
-  assert.deepEqual(srv.server.locks(), []);
+  assert.deepEqual(await settledLocks(srv), []);
 });
 
 test("withLock() releases the lock when the function throws", async () => {
@@ -624,14 +633,14 @@ test("withLock() releases the lock when the function throws", async () => {
   const client = new TestClient({ host: "127.0.0.1", port: srv.port });
   await rejects(
     () =>
-      client.withLock("db", () => {
-        assert.deepEqual(srv.server.locks().length, 1);
+      client.withLock("db", async () => {
+        assert.deepEqual((await settledLocks(srv)).length, 1);
         throw new Error("boom");
       }),
     Error,
     "boom",
   );
-  assert.deepEqual(srv.server.locks(), []);
+  assert.deepEqual(await settledLocks(srv), []);
 });
 
 test("withLock() rejects when the lock was lost while the function ran", async () => {
@@ -655,9 +664,9 @@ test("await using releases the lock at the end of the block", async () => {
   {
     await using lock = await client.lock("db");
     assert.ok(lock.held);
-    assert.deepEqual(srv.server.locks().length, 1);
+    assert.deepEqual((await settledLocks(srv)).length, 1);
   }
-  assert.deepEqual(srv.server.locks(), []);
+  assert.deepEqual(await settledLocks(srv), []);
 });
 
 test("closing the client releases its locks and abandons its waits", async () => {
@@ -673,7 +682,7 @@ test("closing the client releases its locks and abandons its waits", async () =>
   await client.close();
   await rejects(() => waited.then((e) => Promise.reject(e)), TcpNetLockError, "is closed");
   assert.deepEqual(await lock.closed, undefined);
-  assert.deepEqual(srv.server.locks().map((l) => l.name), ["busy"]);
+  assert.deepEqual((await settledLocks(srv)).map((l) => l.name), ["busy"]);
   await rejects(() => client.ping(), TcpNetLockError, "is closed");
 });
 
@@ -886,7 +895,7 @@ test("the client reads TCPNETLOCK_* environment variables for its defaults", asy
     const client = new TestClient();
     assert.deepEqual(client.server, `127.0.0.1:${srv.port}`);
     await using _lock = await client.lock("db");
-    assert.deepEqual(srv.server.locks()[0].holders[0].client_id, "env-client");
+    assert.deepEqual((await settledLocks(srv))[0].holders[0].client_id, "env-client");
   });
   await withEnv({ ...ENV_VARS, TCPNETLOCK_PORT: "http" }, () => {
     throws(() => new TestClient(), RangeError, 'Invalid TCPNETLOCK_PORT "http"');
@@ -900,7 +909,7 @@ test("a client on its defaults reaches a server on localhost, over IPv4 and IPv6
     const client = new TestClient();
     assert.deepEqual(client.server, `localhost:${srv.port}`);
     await using lock = await client.lock("db");
-    assert.match(srv.server.locks()[0].holders[0].remote, /^127\.0\.0\.1:/);
+    assert.match((await settledLocks(srv))[0].holders[0].remote, /^127\.0\.0\.1:/);
     await lock.release();
   });
   await new TestClient({ host: "127.0.0.1", port: srv.port }).ping();
@@ -908,7 +917,7 @@ test("a client on its defaults reaches a server on localhost, over IPv4 and IPv6
     const v6 = new TestClient({ host: "::1", port: srv.port });
     assert.deepEqual(v6.server, `[::1]:${srv.port}`);
     await using _lock = await v6.lock("db6");
-    assert.match(srv.server.locks()[0].holders[0].remote, /^\[::1\]:/);
+    assert.match((await settledLocks(srv))[0].holders[0].remote, /^\[::1\]:/);
   }
 });
 
@@ -916,7 +925,7 @@ test("a client on localhost finds a server that listens on ::1 only", async () =
   await using srv = await startTestServer({ hostname: "::1" });
   const client = new TestClient({ host: "localhost", port: srv.port });
   await using _lock = await client.lock("db");
-  assert.match(srv.server.locks()[0].holders[0].remote, /^\[::1\]:/);
+  assert.match((await settledLocks(srv))[0].holders[0].remote, /^\[::1\]:/);
 }, { ignore: !hasIPv6() });
 
 /** A CA and a server certificate for localhost / 127.0.0.1, made with openssl. */
@@ -989,7 +998,7 @@ test("over TLS the client checks the server's certificate and holds locks", asyn
   const client = new TestClient({ host: "localhost", port: srv.port, tls: true, caCerts: [ca] });
   await client.ping();
   const lock = await client.lock("db", { ttl: 10 });
-  assert.deepEqual(srv.server.locks()[0].name, "db");
+  assert.deepEqual((await settledLocks(srv))[0].name, "db");
   await lock.release();
   await new TestClient({ host: "127.0.0.1", port: srv.port, tls: true, caCerts: [ca] }).ping();
 
