@@ -764,7 +764,11 @@ async function scenarioHandover(
   run: RunResult,
 ): Promise<NonNullable<RunResult["handover"]>> {
   const s = ctx.sizes;
-  let reference = run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null;
+  // The reference is measured with the generator the hand-over uses (bench/load.ts): a rate from
+  // the C generator of the cycles scenario would compare two different generators.
+  let reference = run.cycles?.generator === "deno"
+    ? run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null
+    : null;
   const pair = await perServer(ctx, async (target, _server, kind) => {
     if (kind.label === "ours" && reference === null) {
       // The target compares with the uncontended cycle rate at the same concurrency.

@@ -270,8 +270,8 @@ export class TlsUpgrader {
   }
 }
 
-/** Sets TCP_NODELAY and keepalive where the socket has them. */
-export function tuneTcp(conn: Deno.Conn): void {
+/** Sets TCP_NODELAY and keepalive where the socket has them (a TLS stream has neither). */
+export function tuneTcp(conn: Deno.Conn | StreamConn): void {
   try {
     const tcp = conn as Deno.TcpConn;
     if (typeof tcp.setNoDelay === "function") {

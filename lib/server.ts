@@ -115,6 +115,8 @@ export class ListenError extends Error {
 const log = getLogger(["tcpnetlock", "server"]);
 const encoder = new TextEncoder();
 const TOO_MANY_CONNECTIONS = encoder.encode(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`);
+/** How long after its grant a holder's socket gets TCP_NODELAY and keepalive (Session.tune). */
+const TUNE_DELAY_MS = 1000;
 
 function secondsToMs(value: number | undefined, fallback: number): number {
   return value === undefined ? fallback : Math.max(0, value * 1000);
@@ -243,6 +245,9 @@ class ServerImpl implements LockServer, SessionHost {
   #maxUnauthenticated: number;
   #tls: TlsUpgrader | undefined;
   #writeWatch: ReturnType<typeof setInterval> | undefined;
+  /** Holders whose socket options are set by the next tick of {@linkcode tuneSoon}'s timer. */
+  #tuneSoon = new Set<Session>();
+  #tuneTimer: ReturnType<typeof setTimeout> | undefined;
   #accepting: Promise<void>[] = [];
   #resolveFinished!: () => void;
   #closing: Promise<void> | undefined;
@@ -409,7 +414,8 @@ class ServerImpl implements LockServer, SessionHost {
       return;
     }
     this.#requests++;
-    tuneTcp(tcp);
+    // TLS: the handshake's flights. Plain TCP: the session sets them when it needs them.
+    if (this.#tls !== undefined) tuneTcp(tcp);
     const max = this.#options.maxConnections;
     if (max !== undefined && this.#sessions.size >= max && !this.#evictUnauthenticated()) {
       log.warning("Refused a connection: too many connections ({max})", {
@@ -483,6 +489,21 @@ class ServerImpl implements LockServer, SessionHost {
   sessionEnded(session: Session): void {
     this.#sessions.delete(session);
     this.#unauthenticated.delete(session);
+    this.#tuneSoon.delete(session);
+  }
+
+  tuneSoon(session: Session): void {
+    this.#tuneSoon.add(session);
+    if (this.#tuneTimer !== undefined) return;
+    // One timer for every holder granted this second: a lock released at once never pays for
+    // the socket options; the timer is not armed while nobody waits for it (idle CPU stays 0).
+    this.#tuneTimer = setTimeout(() => {
+      this.#tuneTimer = undefined;
+      const due = this.#tuneSoon;
+      this.#tuneSoon = new Set();
+      for (const s of due) s.tune();
+    }, TUNE_DELAY_MS);
+    Deno.unrefTimer(this.#tuneTimer);
   }
 
   authenticated(session: Session): void {
@@ -522,6 +543,8 @@ class ServerImpl implements LockServer, SessionHost {
 
   async #closeNow(): Promise<void> {
     clearInterval(this.#writeWatch);
+    clearTimeout(this.#tuneTimer);
+    this.#tuneTimer = undefined;
     for (const l of this.#listeners) {
       try {
         l.close();
