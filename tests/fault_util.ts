@@ -749,7 +749,17 @@ export async function linkCut(
   if (!held?.startsWith("ok")) throw new Error(`the holder got ${JSON.stringify(held)}`);
   const queued = await waiter.request("lock,name:cut,wait:60");
   if (queued !== "queued,position:1") throw new Error(`the waiter got ${JSON.stringify(queued)}`);
-  const ss = (await ssLines(srv.port, ns.exec)).find((l) => l.includes(ns.hostIp)) ?? "";
+  const holderLine = async () =>
+    (await ssLines(srv.port, ns.exec)).find((l) => l.includes(ns.hostIp)) ?? "";
+  let ss = await holderLine();
+  if (options.keepalive) {
+    // A holder's socket gets keepalive about a second after its grant (lib/session.ts `tune`).
+    const end = performance.now() + 5000;
+    while (!/timer:\(keepalive,/.test(ss) && performance.now() < end) {
+      await new Promise((r) => setTimeout(r, 50));
+      ss = await holderLine();
+    }
+  }
   const ttl = Number(/ttl:([\d.]+)/.exec(request)?.[1] ?? NaN);
   const limitMs = options.keepalive
     ? (options.keepalive[0] + options.keepalive[1] * options.keepalive[2]) * 1000 + slackMs
