@@ -63,6 +63,7 @@ import {
 } from "./lib/protocol.ts";
 import { LineReader, type LineResult } from "./lib/lines.ts";
 import { type OpenResult, SessionLink, type SessionLock } from "./lib/client_session.ts";
+import { closeQuietly, describe, expectLine, formatSeconds } from "./lib/client_util.ts";
 import {
   ConnectionLostError,
   InvalidClientIdError,
@@ -804,6 +805,7 @@ export class LockClient implements AsyncDisposable {
         server: this.server,
         clientId: this.clientId,
         authToken: this.#authToken,
+        tls: this.tls,
         ttl,
         keepAlive,
         releaseTimeout: this.#connectTimeout,
@@ -1286,41 +1288,6 @@ class Holding implements HeldLock {
 
 const encoder = new TextEncoder();
 
-/** A reply line, or the error for the connection ending or a bad line. */
-function expectLine(
-  result: LineResult,
-  fail: (what: string) => string,
-  facts: { server: string; lockName?: string },
-  tls: boolean,
-): ReplyLine {
-  switch (result.kind) {
-    case "line":
-      return parseReply(result.line);
-    case "eof":
-      return throwError(
-        new ConnectionLostError(
-          fail(
-            "the server closed the connection before answering" +
-              (tls ? "" : `; it may speak TLS: ${TLS_HINT}`),
-          ),
-          facts,
-        ),
-      );
-    case "too-long":
-      return throwError(
-        new ProtocolError(fail("the server's reply is too long"), undefined, facts),
-      );
-    default:
-      return throwError(
-        new ProtocolError(fail("the server's reply is not valid UTF-8"), undefined, facts),
-      );
-  }
-}
-
-function throwError(error: Error): never {
-  throw error;
-}
-
 function unexpected(
   result: LineResult,
   fail: (what: string) => string,
@@ -1329,9 +1296,6 @@ function unexpected(
   const line = result.kind === "line" ? result.line : "";
   return new ProtocolError(fail(`unexpected reply "${line}" from the server`), line, facts);
 }
-
-/** What to try when a plain-TCP connection is closed unanswered: the server may speak TLS. */
-const TLS_HINT = "connect with TLS (--tls, TCPNETLOCK_TLS=1, or the tls option)";
 
 const REASON_HINTS: Record<string, string> = {
   [ErrorReason.UNAUTHORIZED]: "give the server's auth token (authToken, TCPNETLOCK_AUTH_TOKEN)",
@@ -1388,17 +1352,6 @@ function checkSeconds(what: string, value: number | undefined, min: number): voi
   }
 }
 
-/** Seconds as a protocol decimal: millisecond precision, never exponent notation. */
-function formatSeconds(seconds: number | undefined): string | undefined {
-  if (seconds === undefined) return undefined;
-  return seconds.toFixed(3).replace(/\.?0+$/, "");
-}
-
-function describe(error: unknown): string {
-  const message = error instanceof Error ? error.message : String(error);
-  return message.length > 0 ? message[0].toLowerCase() + message.slice(1) : "unknown error";
-}
-
 /** The longest delay `setTimeout` takes (about 24.8 days); longer ones would fire at once. */
 const MAX_DELAY = 2 ** 31 - 1;
 
@@ -1415,14 +1368,6 @@ function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
     signal.addEventListener("abort", onAbort, { once: true });
     promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
   });
-}
-
-function closeQuietly(conn: Deno.Conn | undefined): void {
-  try {
-    conn?.close();
-  } catch {
-    // already closed
-  }
 }
 
 if (import.meta.main) {

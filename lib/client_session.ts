@@ -11,6 +11,7 @@
  */
 
 import { LineReader, type LineResult } from "./lines.ts";
+import { closeQuietly, describe, expectLine, formatSeconds } from "./client_util.ts";
 import {
   Action,
   formatRequest,
@@ -51,6 +52,8 @@ export interface SessionLinkOptions {
   clientId: string | undefined;
   /** The auth token, if any. */
   authToken: string | undefined;
+  /** Whether the connection is TLS (an unanswered plain one may be talking to a TLS server). */
+  tls: boolean;
   /** The session's lease in seconds, if any. */
   ttl: number | undefined;
   /** Seconds between keepalives, if any. */
@@ -152,15 +155,7 @@ export class SessionLink {
         });
       });
       signal.throwIfAborted();
-      if (result.kind === "eof") {
-        throw new ConnectionLostError(fail("the server closed the connection before answering"), {
-          ...facts,
-        });
-      }
-      if (result.kind !== "line") {
-        throw new ProtocolError(fail("the server's reply is not a valid line"), undefined, facts);
-      }
-      const reply = parseReply(result.line);
+      const reply = expectLine(result, fail, facts, options.tls);
       if (reply.word === Reply.BAD_ACTION) {
         closeQuietly(conn);
         return "unsupported";
@@ -169,11 +164,8 @@ export class SessionLink {
         throw options.serverError(reply.rest, fail, { ...facts, lockName: "" });
       }
       if (reply.word !== Reply.SESSION || reply.fields.get("version") !== String(SESSION_VERSION)) {
-        throw new ProtocolError(
-          fail(`unexpected reply "${result.line}" from the server`),
-          result.line,
-          facts,
-        );
+        const line = reply.rest === "" ? reply.word : `${reply.word},${reply.rest}`;
+        throw new ProtocolError(fail(`unexpected reply "${line}" from the server`), line, facts);
       }
       const link = new SessionLink(conn, reader, options);
       link.#renewedAt = sentAt;
@@ -664,23 +656,4 @@ function refTimer(timer: ReturnType<typeof setTimeout>, on: boolean): void {
 
 async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
   for (let at = 0; at < bytes.length;) at += await conn.write(bytes.subarray(at));
-}
-
-function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch {
-    // already closed
-  }
-}
-
-/** Seconds as a protocol decimal: millisecond precision, never exponent notation. */
-function formatSeconds(seconds: number | undefined): string | undefined {
-  if (seconds === undefined) return undefined;
-  return seconds.toFixed(3).replace(/\.?0+$/, "");
-}
-
-function describe(error: unknown): string {
-  const message = error instanceof Error ? error.message : String(error);
-  return message.length > 0 ? message[0].toLowerCase() + message.slice(1) : "unknown error";
 }

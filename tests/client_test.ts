@@ -19,7 +19,7 @@ import {
   ServerUnreachableError,
   TcpNetLockError,
 } from "../client.ts";
-import { startServerProcess, startTestServer, until } from "./test_util.ts";
+import { makeTlsFixture, startServerProcess, startTestServer, until } from "./test_util.ts";
 import type { LockInfo } from "../lib/protocol.ts";
 
 /** What `.locks` shows once the store has caught up with its own writes (etcd: the watch). */
@@ -1026,4 +1026,19 @@ Deno.test("isRetriableError() tells passing trouble from mistakes", () => {
   assert.ok(!isRetriableError(new Error("other")));
   assert.deepEqual(new LockTimeoutError("x").name, "LockTimeoutError");
   instanceOf(new LockTimeoutError("x"), TcpNetLockError);
+});
+
+test("lock() against a TLS server without tls: the error says the server may speak TLS", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const tls = await makeTlsFixture(dir);
+    await using srv = await startTestServer({ tls: { cert: tls.cert, key: tls.key } });
+    const client = new TestClient({ host: "127.0.0.1", port: srv.port });
+    await assert.rejects(
+      () => client.lock("db"),
+      (e: unknown) => e instanceof ConnectionLostError && /may speak TLS/.test(e.message),
+    );
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });

@@ -15,6 +15,7 @@ const LIBRARY = [
   "/lib/lines.ts",
   "/lib/errors.ts",
   "/lib/client_session.ts",
+  "/lib/client_util.ts",
 ];
 const CLI = "/lib/client_cli.ts";
 /** What the command line imports besides the library (lazily, only when run as a program). */
