@@ -13,14 +13,12 @@
 import { LineReader, type LineResult } from "./lines.ts";
 import { type StreamConn, tuneTcp } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
-import { modeFitsLimit } from "./store/rules.ts";
+import { parseMode } from "./store/rules.ts";
 import {
   Action,
   ErrorReason,
   isValidClientId,
   isValidLockName,
-  LOCK_MODES,
-  type LockMode,
   parseDecimal,
   parsePositiveInt,
   parseRequest,
@@ -441,14 +439,8 @@ export class Session implements ClaimHandler {
       if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
       limit = v;
     }
-    let mode: LockMode | undefined;
-    if (modeText !== undefined) {
-      if (!(LOCK_MODES as readonly string[]).includes(modeText)) {
-        return fail(ErrorReason.INVALID_MODE);
-      }
-      mode = modeText as LockMode;
-      if (!modeFitsLimit(mode, limit)) return fail(ErrorReason.INVALID_MODE);
-    }
+    const mode = parseMode(modeText, limit);
+    if (mode === null) return fail(ErrorReason.INVALID_MODE);
     // The outcome comes later (a store answers asynchronously): meanwhile the connection is
     // read like a waiter's (early lines kept, a disconnect withdraws the claim).
     this.#claim = this.#host.table.acquire(

@@ -13,14 +13,12 @@
 import type { LineReader, LineResult } from "./lines.ts";
 import type { StreamConn } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
-import { modeFitsLimit } from "./store/rules.ts";
+import { parseMode } from "./store/rules.ts";
 import {
   Action,
   ErrorReason,
   isValidClientId,
   isValidLockName,
-  LOCK_MODES,
-  type LockMode,
   parseDecimal,
   parsePositiveInt,
   parseRequest,
@@ -316,15 +314,8 @@ export class MultiSession {
       if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
       limit = v;
     }
-    let mode: LockMode | undefined;
-    const modeText = p.get("mode");
-    if (modeText !== undefined) {
-      if (!(LOCK_MODES as readonly string[]).includes(modeText)) {
-        return fail(ErrorReason.INVALID_MODE);
-      }
-      mode = modeText as LockMode;
-      if (!modeFitsLimit(mode, limit)) return fail(ErrorReason.INVALID_MODE);
-    }
+    const mode = parseMode(p.get("mode"), limit);
+    if (mode === null) return fail(ErrorReason.INVALID_MODE);
     if (this.#entries.size >= this.#host.maxSessionLocks) {
       return fail(ErrorReason.TOO_MANY_LOCKS);
     }

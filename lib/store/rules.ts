@@ -12,7 +12,7 @@
  * @module
  */
 
-import type { LockMode } from "../protocol.ts";
+import { LOCK_MODES, type LockMode } from "../protocol.ts";
 
 /** What the rules look at in a claim. */
 export interface Ranked {
@@ -109,6 +109,16 @@ export function conflicts(request: Ranked, other: Ranked): boolean {
  */
 export function modeFitsLimit(mode: LockMode | undefined, limit: number): boolean {
   return mode !== "shared" || limit <= 1;
+}
+
+/**
+ * A request's `mode:` value (undefined when it has none) read with its limit: the mode, or
+ * `null` for `err,invalid mode` (not `shared`/`exclusive`, or `shared` with a limit above 1).
+ */
+export function parseMode(text: string | undefined, limit: number): LockMode | undefined | null {
+  if (text === undefined) return undefined;
+  if (!(LOCK_MODES as readonly string[]).includes(text)) return null;
+  return modeFitsLimit(text as LockMode, limit) ? text as LockMode : null;
 }
 
 /** Counts the waiters of a queue by mode (for `.locks`). */
