@@ -89,12 +89,14 @@ async function floodWaiters(target: Target, n: number, round: number, errors: Er
   const conns = await connectAll(target, n, errors);
   const request = encoder.encode(`lock,name:flood-${round},wait:30\n`);
   await Promise.all(conns.map((c) => c.write(request).catch((e) => errors.addThrown(e))));
-  // The first is granted (the floor grants all): wait for at least that one answer.
+  // One is granted, the rest queue (the floor grants all): wait for an answer to one of them.
   const first = await Promise.race([
     firstLine(conns[0]).catch(() => null),
     new Promise<null>((r) => setTimeout(() => r(null), 5000)),
   ]);
-  if (first === null || !first.startsWith("ok")) errors.add("unexpected-reply", `${first}`);
+  if (first === null || !/^(ok|queued,position:\d+)/.test(first)) {
+    errors.add("unexpected-reply", `${first}`);
+  }
   closeAll(conns);
 }
 

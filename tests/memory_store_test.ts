@@ -50,7 +50,7 @@ function setup(opts: { maxWaiters?: number; maxLocks?: number; maxWait?: number 
 }
 
 Deno.test("memory store: grant, not-granted, release hands over to the head of the queue", async () => {
-  const { table, req, acquire, end } = setup();
+  const { table, req, acquire, end, advance } = setup();
   const a = new Recorder("a"), b = new Recorder("b"), c = new Recorder("c"), d = new Recorder("d");
   const ca = await acquire(req("x"), a);
   await acquire(req("x"), b);
@@ -62,6 +62,9 @@ Deno.test("memory store: grant, not-granted, release hands over to the head of t
   assert.deepEqual(d.log, ["queued:2"]);
   await end(ca, "released");
   assert.deepEqual(c.log, ["queued:1", "granted:2"]);
+  // Those still waiting learn their new places within 10 ms (one pass for a burst of moves).
+  assert.deepEqual(d.log, ["queued:2"]);
+  await advance(10);
   assert.deepEqual(d.log, ["queued:2", "queued:1"]);
   await end(cc, "disconnected");
   assert.deepEqual(d.log, ["queued:2", "queued:1", "granted:3"]);
@@ -298,4 +301,19 @@ Deno.test("tokens: a state file makes a restarted sequence start above every tok
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("memory store: a burst of departures tells those behind their places once, not once per departure", async () => {
+  const { req, acquire, end, advance } = setup();
+  await acquire(req("q"), new Recorder("holder"));
+  const front: Awaited<ReturnType<typeof acquire>>[] = [];
+  for (let i = 0; i < 50; i++) {
+    front.push(await acquire(req("q", { wait: 10 }), new Recorder(`f${i}`)));
+  }
+  const last = new Recorder("last");
+  await acquire(req("q", { wait: 10 }), last);
+  assert.deepEqual(last.log, ["queued:51"]);
+  for (const c of front) await end(c, "disconnected");
+  await advance(10);
+  assert.deepEqual(last.log, ["queued:51", "queued:1"]);
 });
