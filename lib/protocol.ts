@@ -106,19 +106,47 @@ export interface Request {
  * ```
  */
 export function parseRequest(line: string): Request | null {
-  if (line.endsWith("\r")) line = line.slice(0, -1);
-  const parts = line.split(",");
-  const action = parts[0].trim();
+  // One pass with indexOf: no array of parts, and trim() only where a blank can be (requests
+  // are parsed once per line, the hottest path of the server).
+  let end = line.length;
+  if (end > 0 && line.charCodeAt(end - 1) === CR) end--;
+  let comma = line.indexOf(",");
+  if (comma < 0 || comma > end) comma = end;
+  const action = trimmed(line, 0, comma);
   if (action === "") return null;
   const params = new Map<string, string>();
-  for (let i = 1; i < parts.length; i++) {
-    const part = parts[i];
-    const colon = part.indexOf(":");
-    const key = (colon < 0 ? part : part.slice(0, colon)).trim();
+  for (let at = comma + 1; at <= end; at = comma + 1) {
+    comma = line.indexOf(",", at);
+    if (comma < 0 || comma > end) comma = end;
+    const colon = line.indexOf(":", at);
+    let key: string;
+    let value = "";
+    if (colon < 0 || colon > comma) {
+      key = trimmed(line, at, comma);
+    } else {
+      key = trimmed(line, at, colon);
+      value = trimmed(line, colon + 1, comma);
+    }
     if (key === "") return null;
-    params.set(key, colon < 0 ? "" : part.slice(colon + 1).trim());
+    params.set(key, value);
   }
   return { action, params };
+}
+
+const CR = 0x0d;
+
+/** `line.slice(from, to).trim()`, without the trim when the ends are not blank. */
+function trimmed(line: string, from: number, to: number): string {
+  const part = line.slice(from, to);
+  if (part === "") return part;
+  return isBlank(part.charCodeAt(0)) || isBlank(part.charCodeAt(part.length - 1))
+    ? part.trim()
+    : part;
+}
+
+/** Whether a code unit is one that `String.prototype.trim` could remove (a quick over-guess). */
+function isBlank(c: number): boolean {
+  return c <= 0x20 || c === 0xa0 || c >= 0x1680;
 }
 
 /**
