@@ -550,6 +550,8 @@ export class Session implements ClaimHandler {
       this.#close();
       return;
     }
+    // Closed meanwhile (the server stopped, the peer reset): no timer for a closed socket.
+    if (this.#state !== "closing") return;
     // Wake the reader if it is parked in a read: the drain (or the timer) closes the socket.
     if (this.#timer === undefined) {
       this.#timer = setTimeout(() => {
