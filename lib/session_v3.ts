@@ -12,7 +12,15 @@
 
 import type { LineReader, LineResult } from "./lines.ts";
 import type { StreamConn } from "./net.ts";
-import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
+import {
+  type ClaimHandler,
+  type ClaimRequest,
+  type ClaimView,
+  type EndReason,
+  FREED,
+  type LockStore,
+  type Refusal,
+} from "./store/types.ts";
 import { parseMode } from "./store/rules.ts";
 import {
   Action,
@@ -47,7 +55,6 @@ const LINGER_MS = 1000;
 const LINGER_BYTES = 1 << 20;
 const drainBuffer = new Uint8Array(16 * 1024);
 const encoder = new TextEncoder();
-const RESOLVED: Promise<void> = Promise.resolve();
 
 /** A waiter's newest position, the last one sent, and when (monotonic ms). */
 interface Position {
@@ -291,48 +298,51 @@ export class MultiSession {
   #lock(req: Request): void {
     const id = this.#id(req);
     if (id === undefined) return;
-    const fail = (reason: string) => this.#replyInOrder(`${Reply.ERR},${reason}`, id);
-    if (this.#entries.has(id)) return fail(ErrorReason.DUPLICATE_ID);
-    const p = req.params;
+    const refusal = this.#entries.has(id) ? ErrorReason.DUPLICATE_ID : this.#check(req.params);
+    if (typeof refusal === "string") {
+      this.#replyInOrder(`${Reply.ERR},${refusal}`, id);
+      return;
+    }
+    const entry = new Entry(id, this);
+    this.#entries.set(id, entry);
+    const ending = this.#ending.get(id);
+    // Replies for one id come in order: a lock that reuses an id being released waits for the
+    // `released` line first.
+    if (ending === undefined) this.#acquire(entry, refusal);
+    else ending.then(() => this.#acquire(entry, refusal));
+  }
+
+  /** The claim a lock request asks for, or why it is refused (an `err,...` reason). */
+  #check(p: Map<string, string>): ClaimRequest | string {
     const name = p.get("name") ?? "";
-    if (!isValidLockName(name)) return fail(ErrorReason.INVALID_LOCK_NAME);
+    if (!isValidLockName(name)) return ErrorReason.INVALID_LOCK_NAME;
     const clientId = p.get("client-id") ?? this.#clientId;
-    if (clientId !== "" && !isValidClientId(clientId)) return fail(ErrorReason.INVALID_CLIENT_ID);
+    if (clientId !== "" && !isValidClientId(clientId)) return ErrorReason.INVALID_CLIENT_ID;
     let wait = 0;
     const waitText = p.get("wait");
     if (waitText !== undefined) {
       const v = parseDecimal(waitText);
-      if (v === undefined) return fail(ErrorReason.INVALID_WAIT);
+      if (v === undefined) return ErrorReason.INVALID_WAIT;
       wait = v;
     }
     // The lease belongs to the session: a ttl per lock has no meaning here.
-    if (p.has("ttl")) return fail(ErrorReason.INVALID_TTL);
+    if (p.has("ttl")) return ErrorReason.INVALID_TTL;
     let limit = 1;
     const limitText = p.get("limit");
     if (limitText !== undefined) {
       const v = parsePositiveInt(limitText);
-      if (v === undefined) return fail(ErrorReason.INVALID_LIMIT);
+      if (v === undefined) return ErrorReason.INVALID_LIMIT;
       limit = v;
     }
     const mode = parseMode(p.get("mode"), limit);
-    if (mode === null) return fail(ErrorReason.INVALID_MODE);
-    if (this.#entries.size >= this.#host.maxSessionLocks) {
-      return fail(ErrorReason.TOO_MANY_LOCKS);
-    }
-    const entry = new Entry(id, this);
-    this.#entries.set(id, entry);
-    const acquire = () => {
-      if (entry.state === "done" || this.#state !== "open") return;
-      entry.claim = this.#host.table.acquire(
-        { name, limit, mode, wait, clientId, remote: this.remote },
-        entry,
-      );
-    };
-    const ending = this.#ending.get(id);
-    // Replies for one id come in order: a lock that reuses an id being released waits for the
-    // `released` line first.
-    if (ending === undefined) acquire();
-    else ending.then(acquire);
+    if (mode === null) return ErrorReason.INVALID_MODE;
+    if (this.#entries.size >= this.#host.maxSessionLocks) return ErrorReason.TOO_MANY_LOCKS;
+    return { name, limit, mode, wait, clientId, remote: this.remote };
+  }
+
+  #acquire(entry: Entry, request: ClaimRequest): void {
+    if (entry.state === "done" || this.#state !== "open") return;
+    entry.claim = this.#host.table.acquire(request, entry);
   }
 
   /** `release` / `cancel`: ends whatever the id is doing (holding, waiting or pending). */
@@ -350,11 +360,24 @@ export class MultiSession {
     // `released` goes once the lock is free in the store (for etcd: once the key is gone), and
     // after the replies owed to the id before it.
     const before = this.#ending.get(id);
-    const endClaim = () => {
-      const claim = entry.claim as ClaimView | undefined;
-      return claim === undefined ? RESOLVED : this.#host.table.end(claim, reason);
-    };
-    const done: Promise<void> = (before === undefined ? endClaim() : before.then(endClaim)).then(
+    if (before === undefined) {
+      const freed = this.#endClaim(entry, reason);
+      // Free already (the memory store): answered now, not a promise step later.
+      if (freed === FREED) this.reply(word, id);
+      else this.#afterEnd(id, word, freed);
+    } else {
+      this.#afterEnd(id, word, before.then(() => this.#endClaim(entry, reason)));
+    }
+  }
+
+  #endClaim(entry: Entry, reason: EndReason): Promise<void> {
+    const claim = entry.claim as ClaimView | undefined;
+    return claim === undefined ? FREED : this.#host.table.end(claim, reason);
+  }
+
+  /** `word` goes to `id` once `freed` resolves; a lock or reply for the id waits for it. */
+  #afterEnd(id: string, word: string, freed: Promise<void>): void {
+    const done: Promise<void> = freed.then(
       () => {
         if (this.#ending.get(id) === done) this.#ending.delete(id);
         this.reply(word, id);
@@ -429,8 +452,9 @@ export class MultiSession {
   async #flush(): Promise<void> {
     try {
       // Let the replies of the same turn join in: a pipelined batch, the grants the store hands
-      // out in one go, the `released` lines a few promise steps behind (one write, not many).
-      for (let i = 0; i < 4; i++) await undefined;
+      // out in one go (one microtask after the requests), then one write, not many.
+      await undefined;
+      await undefined;
       while (this.#out.length > 0 && this.#state !== "closed") {
         const bytes = encoder.encode(this.#out.join("\n") + "\n");
         this.#out = [];
@@ -464,6 +488,8 @@ export class MultiSession {
         this.close();
         return;
       }
+      // Closed meanwhile (the server stopped, the peer reset): no timer for a closed socket.
+      if (this.#state !== "closing") return;
       this.#lingerTimer = setTimeout(() => this.close(), LINGER_MS);
     })();
   }
@@ -495,7 +521,6 @@ export class MultiSession {
     this.#moved.clear();
   }
 
-  /** Closes the socket at once and frees whatever the session held or waited for. */
   /**
    * Called (through the connection's {@linkcode Session}) by the server's write watchdog: a
    * session whose peer has not read for more than `limitMs` is closed, every lock of it freed.
@@ -516,6 +541,7 @@ export class MultiSession {
     this.close();
   }
 
+  /** Closes the socket at once and frees whatever the session held or waited for. */
   close(): void {
     if (this.#state === "closed") return;
     this.#endAll();

@@ -27,6 +27,7 @@ import {
   type ClaimState,
   type ClaimView,
   type EndReason,
+  FREED,
   type Refusal,
   STORE_UNAVAILABLE,
   type StoreCounters,
@@ -97,8 +98,6 @@ export interface ClaimBookOptions {
   /** Told of every grant, queueing, refusal, timeout and end. */
   onEvent?: (event: StoreEvent) => void;
 }
-
-const RESOLVED = Promise.resolve();
 
 // What the outbox delivers.
 const GRANTED = 0, QUEUED = 1, NOT_GRANTED = 2, REFUSED = 3, TIMED_OUT = 4, EXPIRED = 5;
@@ -350,10 +349,10 @@ export class ClaimBook<X> {
    * and the store frees it. Resolves once the lock is free in the store.
    */
   end(claim: Claim<X>, reason: EndReason): Promise<void> {
-    if (claim.closed) return RESOLVED;
+    if (claim.closed) return FREED;
     claim.closed = true;
     const from = claim.state;
-    if (from === "done") return RESOLVED;
+    if (from === "done") return FREED;
     const now = this.#clock.now();
     this.#finish(claim);
     const heldMs = from === "holding" ? now - claim.grantedAt : 0;
@@ -361,7 +360,7 @@ export class ClaimBook<X> {
     if (reason === "expired" && from === "holding") this.counters.expired++;
     else if (reason === "timeout" && from !== "holding") this.counters.timedOut++;
     this.#onEvent?.({ type: "ended", claim, reason, heldMs });
-    return this.#hooks.left(claim, from, reason) ?? RESOLVED;
+    return this.#hooks.left(claim, from, reason) ?? FREED;
   }
 
   /** Renews a holder's lease: its deadline moves to now + ttl. */

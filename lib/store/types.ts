@@ -145,6 +145,19 @@ export interface LockDetail {
 }
 
 /**
+ * The promise {@linkcode LockStore.end} returns when the lock was already free in the store when
+ * `end` returned (the memory store, or a claim that was over): a caller may answer at once
+ * instead of a promise step later.
+ *
+ * @example
+ * ```ts
+ * import { FREED } from "./types.ts";
+ * await FREED; // already resolved
+ * ```
+ */
+export const FREED: Promise<void> = Promise.resolve();
+
+/**
  * A lock store: where the locks live (this process's memory, or etcd) and when they change.
  * Both stores keep a claim's life in one shared claim book, so they answer alike.
  *
@@ -171,7 +184,8 @@ export interface LockStore {
   /**
    * Ends a claim that is pending, waiting or holding (release, disconnect, shutdown); nothing
    * more reaches its handler. Resolves once the lock is free in the store (a `released` reply
-   * waits for it). Ending a claim that is over does nothing.
+   * waits for it). Ending a claim that is over does nothing. Returns {@linkcode FREED} when the
+   * lock is free already.
    */
   end(claim: ClaimView, reason: EndReason): Promise<void>;
   /** Renews a holder's lease (`ttl`): any line from the holder does. */
