@@ -573,10 +573,20 @@ interface EtcdResult {
   setups: EtcdSetup[];
 }
 
+/** A level of session cycles, with both sides' CPU when the C generator ran it. */
+type SessionLevel = SessionCyclesResult & {
+  generatorCpuPercent?: number;
+  serverCpuPercent?: number | null;
+};
+
 /** The `sessions` scenario: per level, over sessions (ours and the session floor), and ours over
  * one connection per lock at the same level, measured in between. */
 interface SessionsResult {
-  cycles: Pair<SessionCyclesResult[]>;
+  /** `c` for the C generator (bench/cgen/loadgen.c `--session 1`), `deno` for session_load.ts. */
+  generator: "c" | "deno";
+  /** The generator check on the session floor at 16 lockers (as for `cycles`). */
+  check: { lockers: number; procs: number; rate: number; doubled: number; limited: boolean } | null;
+  cycles: Pair<SessionLevel[]>;
   connection: CyclesResult[];
   /** 64 lockers sharing one session. */
   shared: Pair<SessionCyclesResult>;
@@ -1001,9 +1011,47 @@ async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
   });
 }
 
+/** One level of session cycles (one session per locker): the C generator's, or session_load's. */
+async function sessionLevel(
+  target: Target,
+  server: ServerProcess,
+  lockers: number,
+  s: Sizes,
+  procs: number,
+  useC: boolean,
+): Promise<SessionLevel> {
+  const timing = { durationMs: s.cycleMs, warmupMs: s.cycleWarmupMs };
+  if (!useC) return await runSessionCycles(target, { lockers, ...timing });
+  const r = await runCyclesC(target, {
+    clients: lockers,
+    ...timing,
+    procs,
+    serverPid: server.pid,
+    session: true,
+    prefix: `csess${lockers}`,
+  });
+  return {
+    lockers,
+    sessions: lockers,
+    cycles: r.cycles,
+    seconds: r.seconds,
+    rate: r.rate,
+    latency: r.latency,
+    errors: r.errors,
+    generatorCpuPercent: r.generatorCpuPercent,
+    serverCpuPercent: r.serverCpuPercent,
+  };
+}
+
 async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
   const s = ctx.sizes;
+  // The lean C generator when it can be built: bench/session_load.ts needs a core of its own and
+  // held the session floor at about half its rate.
+  const useC = (await buildCGen()) !== null;
+  if (!useC) note(`sessions: ${cgenUnavailable}; using bench/session_load.ts as the generator`);
   const result: SessionsResult = {
+    generator: useC ? "c" : "deno",
+    check: null,
     cycles: { ours: null, floor: null },
     connection: [],
     shared: { ours: null, floor: null },
@@ -1016,17 +1064,38 @@ async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
     for (const kind of ctx.kinds) servers.push(await startServer(kind));
     const target = (i: number) => ({ hostname: "127.0.0.1", port: servers[i].port });
     const timing = { durationMs: s.cycleMs, warmupMs: s.cycleWarmupMs };
+    let procs = 1;
+    const floorAt = ctx.kinds.findIndex((k) => k.label === "floor");
+    if (useC && floorAt >= 0) {
+      // Is the generator what limits the session floor? Twice its CPU must not raise the rate.
+      const lockers = s.cycleLevels.includes(16) ? 16 : s.cycleLevels[s.cycleLevels.length - 1];
+      const at = (p: number) =>
+        sessionLevel(target(floorAt), servers[floorAt], lockers, s, p, true);
+      const rate = (await at(1)).rate;
+      const doubled = (await at(2)).rate;
+      const limited = doubled > rate * 1.1;
+      progress(
+        `sessions generator check: session floor at ${lockers} lockers ${rate}/s with 1 ` +
+          `generator process, ${doubled}/s with 2`,
+      );
+      if (limited) procs = 2;
+      result.check = { lockers, procs, rate, doubled, limited };
+    }
     for (const lockers of s.cycleLevels) {
       for (const [i, kind] of ctx.kinds.entries()) {
-        const r = await runSessionCycles(target(i), { lockers, ...timing });
+        const r = await sessionLevel(target(i), servers[i], lockers, s, procs, useC);
+        const cpu = r.generatorCpuPercent === undefined
+          ? ""
+          : `, generator CPU ${r.generatorCpuPercent}%, server CPU ${r.serverCpuPercent}%`;
         progress(
           `sessions ${kind.label} ${lockers} lockers: ${r.rate}/s p50 ${r.latency.p50} ms ` +
-            `p99 ${r.latency.p99} ms, ${r.errors.total} errors`,
+            `p99 ${r.latency.p99} ms, ${r.errors.total} errors${cpu}`,
         );
         (result.cycles[kind.label] ??= []).push(r);
         if (kind.label === "ours") {
-          // Our own connection-per-lock cycles at the same level, right after: the 2× target.
-          const c = await runCycles(target(i), { clients: lockers, ...timing });
+          // Our own connection-per-lock cycles at the same level, right after, by the same
+          // generator: the 2× target.
+          const c = await cyclesLevel(target(i), servers[i], lockers, s, procs, useC);
           progress(`sessions: ours over one connection per lock, ${lockers} clients: ${c.rate}/s`);
           result.connection.push(c);
         }
@@ -1696,7 +1765,7 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
 
 function sessionRowSpecs(sizes: Sizes): RowSpec[] {
   const specs: RowSpec[] = [];
-  const sLevel = (r: SessionCyclesResult[] | null | undefined, n: number) =>
+  const sLevel = (r: SessionLevel[] | null | undefined, n: number) =>
     r?.find((x) => x.lockers === n);
   for (const n of sizes.cycleLevels) {
     const lockers = `${n} locker${n === 1 ? "" : "s"}`;
@@ -1711,6 +1780,27 @@ function sessionRowSpecs(sizes: Sizes): RowSpec[] {
       }),
       ...(gated ? { target: "≥ 0.85 × floor", check: (_o, _f, r) => r !== null && r >= 0.85 } : {}),
     });
+    if (gated) {
+      const cpu = (r: SessionLevel | undefined, key: "generatorCpuPercent" | "serverCpuPercent") =>
+        r?.[key] ?? null;
+      specs.push({
+        scenario: "sessions",
+        metric: `session generator CPU (% of a core), ${lockers}`,
+        unit: "%",
+        get: (r) => ({
+          ours: cpu(sLevel(r.sessions?.cycles.ours, n), "generatorCpuPercent"),
+          floor: cpu(sLevel(r.sessions?.cycles.floor, n), "generatorCpuPercent"),
+        }),
+      }, {
+        scenario: "sessions",
+        metric: `session server CPU (% of a core), ${lockers}`,
+        unit: "%",
+        get: (r) => ({
+          ours: cpu(sLevel(r.sessions?.cycles.ours, n), "serverCpuPercent"),
+          floor: cpu(sLevel(r.sessions?.cycles.floor, n), "serverCpuPercent"),
+        }),
+      });
+    }
     specs.push({
       scenario: "sessions",
       metric: `session ÷ connection-per-lock cycles, ${lockers}`,
@@ -1732,6 +1822,15 @@ function sessionRowSpecs(sizes: Sizes): RowSpec[] {
       }),
     });
   }
+  specs.push({
+    scenario: "sessions",
+    metric:
+      "session generator check: session floor cycles/s, twice the generator (floor: as measured)",
+    unit: "/s",
+    get: (r) => ({ ours: r.sessions?.check?.doubled, floor: r.sessions?.check?.rate }),
+    target: "≤ 1.1 × (the generator is not the limit)",
+    check: (_o, _f, ratio) => ratio !== null && ratio <= 1.1,
+  });
   const hc = `${sizes.handoverClients} sessions, ${sizes.handoverNames} names`;
   const held = sizes.sessionHeld.toLocaleString("en-US");
   specs.push(

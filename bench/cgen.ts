@@ -6,6 +6,7 @@
  *
  * ```sh
  * deno run -A bench/cgen.ts --port 7654 --clients 16 --seconds 3 --procs 1
+ * deno run -A bench/cgen.ts --port 7654 --clients 16 --seconds 3 --session   # over sessions
  * ```
  *
  * @module
@@ -74,6 +75,12 @@ export interface CGenOptions {
   prefix?: string;
   /** The server's pid, to report its CPU over the same window. */
   serverPid?: number;
+  /**
+   * Cycles over sessions (protocol version 3): each client opens one session and takes and
+   * releases its lock on it, `lock,id:0,...` → `ok` → `release,id:0` → `released` (default:
+   * one connection per lock).
+   */
+  session?: boolean;
 }
 
 /** What {@linkcode runCyclesC} measured: a cycles result plus both sides' CPU. */
@@ -120,7 +127,8 @@ function fromHistogram(hist: Map<number, number>, sum: number, max: number): Lat
 
 /**
  * Lock+release cycles from the C generator: `clients` at once on distinct names, one connection
- * per lock, spread over `procs` processes. Throws when the generator cannot be built.
+ * per lock (or one session per client, with `session`), spread over `procs` processes. Throws
+ * when the generator cannot be built.
  */
 export async function runCyclesC(target: Target, options: CGenOptions): Promise<CGenResult> {
   const bin = await buildCGen();
@@ -145,6 +153,8 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
         String(warmupMs / 1000),
         "--prefix",
         `${prefix}-${p}`,
+        "--session",
+        options.session ? "1" : "0",
       ],
       stdout: "piped",
       stderr: "piped",
@@ -215,11 +225,12 @@ if (import.meta.main) {
       seconds: { type: "string", default: "3" },
       procs: { type: "string", default: "1" },
       pid: { type: "string" },
+      session: { type: "boolean", default: false },
     },
   });
   if (!values.port) {
     console.error(
-      "usage: bench/cgen.ts --port P [--clients N] [--seconds S] [--procs K] [--pid P]",
+      "usage: bench/cgen.ts --port P [--clients N] [--seconds S] [--procs K] [--pid P] [--session]",
     );
     Deno.exit(2);
   }
@@ -229,6 +240,7 @@ if (import.meta.main) {
     warmupMs: 500,
     procs: Number(values.procs),
     serverPid: values.pid ? Number(values.pid) : undefined,
+    session: values.session,
   });
   console.log(JSON.stringify({ ...r }, null, 2));
 }

@@ -78,6 +78,9 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
         "process start",
         "RSS after",
         "session cycles/s, 16 lockers",
+        "session generator CPU (% of a core), 16 lockers",
+        "session server CPU (% of a core), 16 lockers",
+        "session generator check",
         ".ping p99 during",
       ]
     ) {

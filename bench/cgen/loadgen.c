@@ -2,14 +2,16 @@
  * A lean load generator for the tcpnetlock benchmark: one process, one epoll loop, no
  * allocation per cycle. It runs the `cycles` scenario (one TCP connection per lock: connect,
  * `lock,name:P-i`, `ok...`, `release`, `released`, EOF) with N concurrent clients on distinct
- * names, and prints one JSON object: the rate, a latency histogram (1 microsecond buckets up to
+ * names, or with `--session 1` the same cycles over sessions (protocol version 3: each client
+ * opens one session and then loops `lock,id:0,name:P-i` → `ok,...,id:0` → `release,id:0` →
+ * `released,id:0` on it; a cycle is timed from the lock line to `released`), and prints one JSON object: the rate, a latency histogram (1 microsecond buckets up to
  * 1 s, then one overflow bucket), the errors, and its own CPU time over the measured window, so
  * that the benchmark can show the generator's CPU beside the server's.
  *
  * Built by bench/cgen.ts with the machine's C compiler (`cc -O2`); never committed as a binary.
  *
  *   loadgen --port 7654 [--host 127.0.0.1] --clients 16 --seconds 3 [--warmup 0.5]
- *           [--prefix cyc] [--timeout 5]
+ *           [--prefix cyc] [--timeout 5] [--session 0|1]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -25,7 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum state { IDLE, CONNECTING, WAIT_OK, WAIT_RELEASED, WAIT_EOF };
+enum state { IDLE, CONNECTING, WAIT_SESSION, WAIT_OK, WAIT_RELEASED, WAIT_EOF, DONE };
 
 struct client {
   int fd;
@@ -73,6 +75,7 @@ static void error_kind(int kind, const char *detail) {
 static int epfd;
 static struct sockaddr_in addr;
 static double timeout_s = 5;
+static int session_mode = 0;
 
 static void close_client(struct client *c) {
   if (c->fd >= 0) close(c->fd);
@@ -120,14 +123,34 @@ static void finish(struct client *c, double t, double measure_from, double stop_
     if (lat > max_latency) max_latency = lat;
     cycles++;
   }
-  close_client(c);
+  if (!session_mode) close_client(c);
+}
+
+/* Session mode: the next cycle on the open session (or nothing more after the stop time). */
+static int begin_lock(struct client *c, double t, double stop_at) {
+  if (t >= stop_at) {
+    c->state = DONE;
+    return 0;
+  }
+  c->t0 = t;
+  c->deadline = t + timeout_s;
+  if (send_all(c, c->lock_line, c->lock_len) < 0) {
+    close_client(c);
+    return -1;
+  }
+  c->state = WAIT_OK;
+  return 0;
 }
 
 /* One complete line (without \n) arrived for c. Returns -1 when the client was closed. */
-static int on_line(struct client *c, const char *line, int n, double t) {
+static int on_line(struct client *c, const char *line, int n, double t, double measure_from,
+                   double stop_at) {
+  if (c->state == WAIT_SESSION && n >= 17 && memcmp(line, "session,version:3", 17) == 0) {
+    return begin_lock(c, t, stop_at);
+  }
   if (c->state == WAIT_OK && n >= 2 && line[0] == 'o' && line[1] == 'k' &&
       (n == 2 || line[2] == ',')) {
-    if (send_all(c, "release\n", 8) < 0) {
+    if ((session_mode ? send_all(c, "release,id:0\n", 13) : send_all(c, "release\n", 8)) < 0) {
       close_client(c);
       return -1;
     }
@@ -135,7 +158,12 @@ static int on_line(struct client *c, const char *line, int n, double t) {
     c->deadline = t + timeout_s;
     return 0;
   }
-  if (c->state == WAIT_RELEASED && n == 8 && memcmp(line, "released", 8) == 0) {
+  if (c->state == WAIT_RELEASED && session_mode && n == 13 &&
+      memcmp(line, "released,id:0", 13) == 0) {
+    finish(c, t, measure_from, stop_at);
+    return begin_lock(c, t, stop_at);
+  }
+  if (c->state == WAIT_RELEASED && !session_mode && n == 8 && memcmp(line, "released", 8) == 0) {
     c->state = WAIT_EOF;
     c->deadline = t + timeout_s;
     return 0;
@@ -158,11 +186,12 @@ static void on_event(struct client *c, unsigned events, double t, double measure
       close_client(c);
       return;
     }
-    if (send_all(c, c->lock_line, c->lock_len) < 0) {
+    if (session_mode ? send_all(c, "session\n", 8) < 0
+                     : send_all(c, c->lock_line, c->lock_len) < 0) {
       close_client(c);
       return;
     }
-    c->state = WAIT_OK;
+    c->state = session_mode ? WAIT_SESSION : WAIT_OK;
     c->deadline = t + timeout_s;
     struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
     epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
@@ -178,10 +207,12 @@ static void on_event(struct client *c, unsigned events, double t, double measure
       return;
     }
     if (r == 0) {
-      if (c->state == WAIT_EOF && c->len == 0) {
+      if (!session_mode && c->state == WAIT_EOF && c->len == 0) {
         finish(c, t, measure_from, stop_at);
       } else {
-        error_kind(4, c->state == WAIT_OK ? "before ok" : "before released");
+        error_kind(4, c->state == WAIT_OK        ? "before ok"
+                      : c->state == WAIT_SESSION ? "before session"
+                                                 : "before released");
         close_client(c);
       }
       return;
@@ -190,7 +221,7 @@ static void on_event(struct client *c, unsigned events, double t, double measure
     int start = 0;
     for (int i = 0; i < c->len; i++) {
       if (c->buf[i] != '\n') continue;
-      if (on_line(c, c->buf + start, i - start, t) < 0) return;
+      if (on_line(c, c->buf + start, i - start, t, measure_from, stop_at) < 0) return;
       start = i + 1;
     }
     if (start > 0) {
@@ -217,6 +248,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--warmup")) warmup = atof(argv[i + 1]);
     else if (!strcmp(argv[i], "--prefix")) prefix = argv[i + 1];
     else if (!strcmp(argv[i], "--timeout")) timeout_s = atof(argv[i + 1]);
+    else if (!strcmp(argv[i], "--session")) session_mode = atoi(argv[i + 1]) != 0;
     else {
       fprintf(stderr, "loadgen: unknown option %s\n", argv[i]);
       return 2;
@@ -224,7 +256,7 @@ int main(int argc, char **argv) {
   }
   if (port <= 0 || nclients <= 0 || seconds <= 0) {
     fprintf(stderr, "usage: loadgen --port P [--host H] --clients N --seconds S [--warmup W] "
-                    "[--prefix X] [--timeout T]\n");
+                    "[--prefix X] [--timeout T] [--session 0|1]\n");
     return 2;
   }
   memset(&addr, 0, sizeof addr);
@@ -239,7 +271,8 @@ int main(int argc, char **argv) {
   for (int i = 0; i < nclients; i++) {
     clients[i].fd = -1;
     clients[i].lock_len = snprintf(clients[i].lock_line, sizeof clients[i].lock_line,
-                                   "lock,name:%s-%d\n", prefix, i);
+                                   session_mode ? "lock,id:0,name:%s-%d\n" : "lock,name:%s-%d\n",
+                                   prefix, i);
   }
   double start = now();
   double measure_from = start + warmup, stop_at = measure_from + seconds;
@@ -262,7 +295,7 @@ int main(int argc, char **argv) {
       last_scan = t;
       for (int i = 0; i < nclients; i++) {
         struct client *c = &clients[i];
-        if (c->state != IDLE && t > c->deadline) {
+        if (c->state != IDLE && c->state != DONE && t > c->deadline) {
           error_kind(2, c->state == CONNECTING ? "connect" : "reply");
           close_client(c);
         }
