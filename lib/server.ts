@@ -396,14 +396,17 @@ class ServerImpl implements LockServer, SessionHost {
   }
 
   /**
-   * One watchdog for every connection's writes: a write that has not moved for the write timeout
-   * means a peer that stopped reading; its connection is closed (its lock freed).
+   * One watchdog for every connection's deadlines: the first line not come by the first-line
+   * (or auth) timeout, and a write that has not moved for the write timeout (a peer that stopped
+   * reading); the connection is closed (its lock freed). A deadline is acted on within a quarter
+   * of its timeout (at most a second) after it passed.
    */
   #startWriteWatch(): void {
-    const every = Math.max(20, Math.min(1000, this.writeTimeoutMs / 4));
+    const shortest = Math.min(this.writeTimeoutMs, this.firstLineTimeoutMs);
+    const every = Math.max(20, Math.min(1000, shortest / 4));
     this.#writeWatch = setInterval(() => {
       const now = performance.now();
-      for (const s of this.#sessions) s.checkWrite(now, this.writeTimeoutMs);
+      for (const s of this.#sessions) s.checkDeadlines(now, this.writeTimeoutMs);
     }, every);
     Deno.unrefTimer(this.#writeWatch);
   }

@@ -58,6 +58,7 @@ export interface SessionHost {
 export type Conn = StreamConn;
 
 const encoder = new TextEncoder();
+const RESOLVED: Promise<void> = Promise.resolve();
 const encoded = new Map<string, Uint8Array>();
 /** Encodes a reply line, caching the fixed ones. */
 function line(text: string, cache = false): Uint8Array {
@@ -115,12 +116,12 @@ export class Session implements ClaimHandler {
   /** Set while a position update waits for {@linkcode POSITION_INTERVAL_MS} to pass. */
   #positionTimer: ReturnType<typeof setTimeout> | undefined;
   #pending: string[] = [];
-  #writing: Promise<void> = Promise.resolve();
+  #writing: Promise<void> = RESOLVED;
   #owed = 0;
   #timer: ReturnType<typeof setTimeout> | undefined;
   #endReason: EndReason = "disconnected";
   /** Lines from the holder are answered one after another through this chain. */
-  #heldChain: Promise<void> = Promise.resolve();
+  #heldChain: Promise<void> = RESOLVED;
   /** The connection's line reader (set by `run`). */
   #reader: LineReader | undefined;
   /** True while `run` waits for the next line. */
@@ -131,6 +132,8 @@ export class Session implements ClaimHandler {
   #multi: MultiSession | undefined;
   /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
   #writeSince = 0;
+  /** When the first line is due (monotonic ms); 0: it came (or is not awaited). */
+  #firstLineBy = 0;
   /** TCP_NODELAY and keepalive are set (see {@linkcode Session.tune}). */
   #tuned = false;
 
@@ -145,15 +148,13 @@ export class Session implements ClaimHandler {
     const reader = new LineReader(this.#conn, this.#host.maxLine);
     this.#reader = reader;
     try {
-      this.#timer = setTimeout(() => {
-        this.#timer = undefined;
-        this.#close();
-      }, this.#host.firstLineTimeoutMs);
+      // The server's watchdog closes the connection if no line comes by then (one interval for
+      // every connection: no timer set and cleared per connection).
+      this.#firstLineBy = performance.now() + this.#host.firstLineTimeoutMs;
       this.#reading = true;
       const first = await reader.next();
       this.#reading = false;
-      clearTimeout(this.#timer);
-      this.#timer = undefined;
+      this.#firstLineBy = 0;
       if (first.kind === "too-long") return await this.#overLong();
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
@@ -220,10 +221,16 @@ export class Session implements ClaimHandler {
   }
 
   /**
-   * Called by the server's write watchdog: closes the connection (freeing its lock) when a write
-   * has been waiting for the peer to read for more than `limitMs`.
+   * Called by the server's watchdog: closes the connection (freeing its lock) when its first
+   * line has not come by its deadline, or when a write has been waiting for the peer to read for
+   * more than `limitMs`.
    */
-  checkWrite(now: number, limitMs: number): void {
+  checkDeadlines(now: number, limitMs: number): void {
+    if (this.#firstLineBy !== 0 && now > this.#firstLineBy) {
+      this.#firstLineBy = 0;
+      this.#close();
+      return;
+    }
     if (this.#multi !== undefined) return this.#multi.checkWrite(now, limitMs);
     if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
     if (this.#state === "closed") return;
