@@ -32,6 +32,16 @@ const CR = 0x0d;
 /** The first buffer size; it doubles as needed up to `maxLine + 1`. */
 const INITIAL_BUFFER = 256;
 
+/**
+ * Buffers of {@linkcode INITIAL_BUFFER} bytes given back by readers that are done: a server makes
+ * a reader per connection, and a new `ArrayBuffer` costs Deno 1-3 microseconds (an allocation
+ * outside the JavaScript heap, then a sweep by the garbage collector), as much as a whole cycle's
+ * parsing. At most {@linkcode POOL_MAX} are kept (256 KiB).
+ */
+const pool: Uint8Array[] = [];
+const POOL_MAX = 1024;
+const EMPTY = new Uint8Array(0);
+
 const EOF: LineResult = { kind: "eof" };
 const TOO_LONG: LineResult = { kind: "too-long" };
 const INVALID: LineResult = { kind: "invalid-utf8" };
@@ -66,7 +76,21 @@ export class LineReader {
     this.#maxLine = maxLine;
     // Start small (most lines are short, and a held connection keeps its buffer while it waits
     // for the next line) and grow up to the bound when a longer line comes.
-    this.#buf = new Uint8Array(Math.min(maxLine + 1, INITIAL_BUFFER));
+    const size = Math.min(maxLine + 1, INITIAL_BUFFER);
+    this.#buf = (size === INITIAL_BUFFER ? pool.pop() : undefined) ?? new Uint8Array(size);
+  }
+
+  /**
+   * Done reading: the buffer goes back to a pool for the next reader, and every later call
+   * returns `eof`. Call it only when no {@linkcode LineReader.next} is pending (its read would
+   * fill a buffer that another reader uses).
+   */
+  dispose(): void {
+    const buf = this.#buf;
+    this.#buf = EMPTY;
+    this.#start = this.#end = this.#scanned = 0;
+    this.#done = true;
+    if (buf.length === INITIAL_BUFFER && pool.length < POOL_MAX) pool.push(buf);
   }
 
   /** Bytes received but not yet returned as lines. */
@@ -151,4 +175,45 @@ export class LineReader {
       this.#end += n;
     }
   }
+}
+
+/** Replies are carved from slabs of this size; a longer one gets its own buffer. */
+const SLAB_BYTES = 16 * 1024;
+const SLAB_MAX_LINE = 2048;
+const encoder = new TextEncoder();
+let slab = new Uint8Array(SLAB_BYTES);
+let slabUsed = 0;
+
+/**
+ * The bytes of `text` and a `\n`, for a write. Short lines are carved from a shared slab (a view,
+ * not a new `ArrayBuffer`: see the pool above); a region is never handed out twice, and a slab
+ * is freed by the garbage collector once no view of it is left.
+ *
+ * @example
+ * ```ts
+ * import { encodeLine } from "./lines.ts";
+ * encodeLine("released"); // Uint8Array of "released\n"
+ * ```
+ */
+export function encodeLine(text: string): Uint8Array {
+  const n = text.length;
+  // A UTF-16 code unit takes at most 3 bytes.
+  if (n * 3 + 1 > SLAB_MAX_LINE) return encoder.encode(text + "\n");
+  if (slabUsed + n * 3 + 1 > SLAB_BYTES) {
+    slab = new Uint8Array(SLAB_BYTES);
+    slabUsed = 0;
+  }
+  const at = slabUsed;
+  let i = 0;
+  // ASCII (every reply but a few names) is copied as is; anything else is encoded by the runtime.
+  for (; i < n; i++) {
+    const c = text.charCodeAt(i);
+    if (c > 0x7f) break;
+    slab[at + i] = c;
+  }
+  let end = at + i;
+  if (i < n) end += encoder.encodeInto(text.slice(i), slab.subarray(end)).written;
+  slab[end] = NL;
+  slabUsed = end + 1;
+  return slab.subarray(at, end + 1);
 }

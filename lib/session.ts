@@ -10,7 +10,7 @@
  * @module
  */
 
-import { LineReader, type LineResult } from "./lines.ts";
+import { encodeLine, LineReader, type LineResult } from "./lines.ts";
 import { type StreamConn, tuneTcp } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import { parseMode } from "./store/rules.ts";
@@ -62,7 +62,7 @@ const RESOLVED: Promise<void> = Promise.resolve();
 const encoded = new Map<string, Uint8Array>();
 /** Encodes a reply line, caching the fixed ones. */
 function line(text: string, cache = false): Uint8Array {
-  if (!cache) return encoder.encode(text + "\n");
+  if (!cache) return encodeLine(text);
   let bytes = encoded.get(text);
   if (bytes === undefined) {
     bytes = encoder.encode(text + "\n");
@@ -180,6 +180,8 @@ export class Session implements ClaimHandler {
       // A read or write failed (reset, closed by a timer or by the server): the session ends.
     } finally {
       this.#close();
+      // No read is pending any more (each was awaited): the buffer goes to the next connection.
+      reader.dispose();
     }
   }
 

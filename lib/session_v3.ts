@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { LineReader, LineResult } from "./lines.ts";
+import { encodeLine, type LineReader, type LineResult } from "./lines.ts";
 import type { StreamConn } from "./net.ts";
 import {
   type ClaimHandler,
@@ -54,7 +54,6 @@ const POSITION_INTERVAL_MS = 50;
 const LINGER_MS = 1000;
 const LINGER_BYTES = 1 << 20;
 const drainBuffer = new Uint8Array(16 * 1024);
-const encoder = new TextEncoder();
 
 /** A waiter's newest position, the last one sent, and when (monotonic ms). */
 interface Position {
@@ -456,7 +455,7 @@ export class MultiSession {
       await undefined;
       await undefined;
       while (this.#out.length > 0 && this.#state !== "closed") {
-        const bytes = encoder.encode(this.#out.join("\n") + "\n");
+        const bytes = encodeLine(this.#out.join("\n"));
         this.#out = [];
         let done = 0;
         while (done < bytes.length) {

@@ -9,7 +9,7 @@
 
 import assert from "node:assert/strict";
 import fc from "npm:fast-check@4.11.0";
-import { type ByteReader, LineReader, type LineResult } from "../lib/lines.ts";
+import { type ByteReader, encodeLine, LineReader, type LineResult } from "../lib/lines.ts";
 import { formatRequest, parseRequest } from "../lib/protocol.ts";
 import { startTestServer, until } from "./test_util.ts";
 import { delay, LineConn, ping, query, within } from "./fault_util.ts";
@@ -120,6 +120,54 @@ Deno.test("LineReader: any chunking gives the lines of a reference split, and th
     ),
     { seed: SEED, numRuns: 500 },
   );
+});
+
+Deno.test("LineReader: buffers given back by dispose() serve later readers, which read the same lines", async () => {
+  // maxLine 300: every reader starts with a pooled 256-byte buffer; many readers in a row reuse
+  // the buffers of the ones before (with their old bytes still in them).
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.tuple(textBytes, fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1 })), {
+        minLength: 1,
+        maxLength: 6,
+      }),
+      async (streams) => {
+        for (const [bytes, chunks] of streams) {
+          const reader = new LineReader(new ChunkedSource(bytes, chunks), 300);
+          for (const [i, want] of referenceSplit(bytes, 300).results.entries()) {
+            assert.deepEqual(await reader.next(), want, `result ${i}`);
+          }
+          reader.dispose();
+          assert.deepEqual(await reader.next(), { kind: "eof" });
+          assert.equal(reader.nextBuffered(), undefined);
+        }
+      },
+    ),
+    { seed: SEED, numRuns: 300 },
+  );
+});
+
+Deno.test("encodeLine: the UTF-8 of the text and a newline; bytes handed out are never overwritten", () => {
+  const encoder = new TextEncoder();
+  const given: [string, Uint8Array][] = [];
+  fc.assert(
+    fc.property(
+      fc.oneof(
+        fc.string({ maxLength: 40 }),
+        fc.string({ unit: "binary", maxLength: 40 }),
+        fc.string({ unit: "grapheme", maxLength: 800 }),
+        fc.string({ minLength: 600, maxLength: 3000 }),
+      ),
+      (text) => {
+        const bytes = encodeLine(text);
+        assert.deepEqual(bytes, encoder.encode(text + "\n"));
+        given.push([text, bytes]);
+      },
+    ),
+    { seed: SEED, numRuns: 3000 },
+  );
+  // Thousands of lines later (several slabs), every earlier result still holds its text.
+  for (const [text, bytes] of given) assert.deepEqual(bytes, encoder.encode(text + "\n"));
 });
 
 Deno.test("LineReader: a line of exactly maxLine bytes passes, one byte more is too long", async () => {
