@@ -25,6 +25,9 @@
  * @module
  */
 
+import { encodeLine } from "../lib/lines.ts";
+
+const pool: Uint8Array[] = [];
 const encoder = new TextEncoder();
 const OK = encoder.encode("ok\n");
 const OK_TOKEN = encoder.encode("ok,token:1\n");
@@ -41,7 +44,8 @@ const TOO_LONG = Symbol("too long");
 /** A connection and the bytes read from it but not yet consumed. */
 class Session {
   readonly conn: Deno.Conn;
-  buf: Uint8Array = new Uint8Array(128);
+  // From the pool (as the real server's line buffers: a new ArrayBuffer costs Deno microseconds).
+  buf: Uint8Array = pool.pop() ?? new Uint8Array(128);
   start = 0;
   end = 0;
 
@@ -143,10 +147,12 @@ async function serve(conn: Deno.Conn): Promise<void> {
     } catch {
       // Already closed.
     }
+    // Every read was awaited: the buffer can serve the next connection.
+    if (s.buf.length === 128 && pool.length < 1024) pool.push(s.buf);
   }
 }
 
-/** The reply to one line of a session. */
+/** The reply to one line of a session (without its newline). */
 function sessionReply(line: string): string {
   const comma = line.indexOf(",");
   const action = (comma < 0 ? line : line.slice(0, comma)).trim();
@@ -154,17 +160,17 @@ function sessionReply(line: string): string {
   const id = at < 0 ? "" : line.slice(at + 3).split(",", 1)[0].trim();
   switch (action) {
     case "lock":
-      return `ok,token:1,id:${id}\n`;
+      return `ok,token:1,id:${id}`;
     case "release":
-      return `released,id:${id}\n`;
+      return `released,id:${id}`;
     case "cancel":
-      return `cancelled,id:${id}\n`;
+      return `cancelled,id:${id}`;
     case ".keepalive":
-      return "alive\n";
+      return "alive";
     case ".ping":
-      return "pong\n";
+      return "pong";
     default:
-      return "bad-action\n";
+      return "bad-action";
   }
 }
 
@@ -176,9 +182,9 @@ async function serveSession(s: Session): Promise<void> {
     if (line === null || line === TOO_LONG) return;
     let out = sessionReply(line);
     for (let more = s.buffered(); more !== undefined; more = s.buffered()) {
-      out += sessionReply(more);
+      out += "\n" + sessionReply(more);
     }
-    await s.write(encoder.encode(out));
+    await s.write(encodeLine(out));
   }
 }
 
