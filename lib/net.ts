@@ -28,6 +28,51 @@ export interface StreamConn {
   readonly remoteAddr: Deno.Addr;
 }
 
+/**
+ * Whether a connection's writes are moving, as the server's watchdog sees them: no clock is
+ * read per write (a `performance.now()` is an op call, and a connection writes twice per lock).
+ * A write counts as stalled from the first watchdog tick that finds it in progress, so a stall
+ * is reported at most one tick late and never early.
+ *
+ * @example
+ * ```ts
+ * import { WriteStall } from "./net.ts";
+ * const stall = new WriteStall();
+ * stall.begin();
+ * stall.stalledFor(1000); // 0: first seen now
+ * stall.stalledFor(3500); // 2500
+ * stall.end();
+ * ```
+ */
+export class WriteStall {
+  #writes = 0;
+  #active = false;
+  #seen = -1;
+  #since = 0;
+
+  /** A write starts (each partial write counts as a new one: the bytes moved). */
+  begin(): void {
+    this.#writes++;
+    this.#active = true;
+  }
+
+  /** No write in progress. */
+  end(): void {
+    this.#active = false;
+  }
+
+  /** How long (ms) the write in progress has waited at least, by the ticks seen; 0: none. */
+  stalledFor(now: number): number {
+    if (!this.#active) return 0;
+    if (this.#seen !== this.#writes) {
+      this.#seen = this.#writes;
+      this.#since = now;
+      return 0;
+    }
+    return now - this.#since;
+  }
+}
+
 /** What {@linkcode acceptLoop} logs through. */
 export type WarnFn = (message: string, props: Record<string, unknown>) => void;
 

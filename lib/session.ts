@@ -11,7 +11,7 @@
  */
 
 import { encodeLine, LineReader, type LineResult } from "./lines.ts";
-import { type StreamConn, tuneTcp } from "./net.ts";
+import { type StreamConn, tuneTcp, WriteStall } from "./net.ts";
 import type { ClaimHandler, ClaimView, EndReason, LockStore, Refusal } from "./store/types.ts";
 import { parseMode } from "./store/rules.ts";
 import {
@@ -130,8 +130,8 @@ export class Session implements ClaimHandler {
   #finishing: Promise<void> | undefined;
   /** Set when the connection became a session (version 3, `session_v3.ts`). */
   #multi: MultiSession | undefined;
-  /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
-  #writeSince = 0;
+  /** Whether the writes move (for the server's write watchdog). */
+  readonly #stall = new WriteStall();
   /** When the first line is due (monotonic ms); 0: it came (or is not awaited). */
   #firstLineBy = 0;
   /** TCP_NODELAY and keepalive are set (see {@linkcode Session.tune}). */
@@ -234,7 +234,7 @@ export class Session implements ClaimHandler {
       return;
     }
     if (this.#multi !== undefined) return this.#multi.checkWrite(now, limitMs);
-    if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
+    if (this.#stall.stalledFor(now) <= limitMs) return;
     if (this.#state === "closed") return;
     this.#host.warn(
       "Closing the connection of {peer}: it has not read its replies for {seconds} s",
@@ -245,7 +245,7 @@ export class Session implements ClaimHandler {
         seconds: Math.round(limitMs) / 1000,
       },
     );
-    this.#writeSince = 0;
+    this.#stall.end();
     this.#close();
   }
 
@@ -517,10 +517,10 @@ export class Session implements ClaimHandler {
       const bytes = late === undefined ? reserved : line(late());
       let done = 0;
       while (done < bytes.length) {
-        this.#writeSince = performance.now();
+        this.#stall.begin();
         done += await conn.write(bytes.subarray(done));
       }
-      this.#writeSince = 0;
+      this.#stall.end();
       this.#owed -= reserved.length;
     });
     this.#writing.catch(() => this.#close());

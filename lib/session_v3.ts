@@ -11,7 +11,7 @@
  */
 
 import { encodeLine, type LineReader, type LineResult } from "./lines.ts";
-import type { StreamConn } from "./net.ts";
+import { type StreamConn, WriteStall } from "./net.ts";
 import {
   type ClaimHandler,
   type ClaimRequest,
@@ -119,8 +119,8 @@ export class MultiSession {
   readonly #conn: StreamConn;
   readonly #reader: LineReader;
   readonly #host: MultiSessionHost;
-  /** When the write in progress started waiting for the peer (monotonic ms); 0: none. */
-  #writeSince = 0;
+  /** Whether the writes move (for the server's write watchdog). */
+  readonly #stall = new WriteStall();
   readonly #clientId: string;
   readonly #ttlMs: number | undefined;
   /** Live ids: waiting, holding, or pending in the store. */
@@ -459,10 +459,10 @@ export class MultiSession {
         this.#out = [];
         let done = 0;
         while (done < bytes.length) {
-          this.#writeSince = performance.now();
+          this.#stall.begin();
           done += await this.#conn.write(bytes.subarray(done));
         }
-        this.#writeSince = 0;
+        this.#stall.end();
         this.#outBytes -= bytes.length;
       }
     } catch {
@@ -525,7 +525,7 @@ export class MultiSession {
    * session whose peer has not read for more than `limitMs` is closed, every lock of it freed.
    */
   checkWrite(now: number, limitMs: number): void {
-    if (this.#writeSince === 0 || now - this.#writeSince <= limitMs) return;
+    if (this.#stall.stalledFor(now) <= limitMs) return;
     if (this.#state === "closed") return;
     this.#host.warn(
       "Closing the session of {peer}: it has not read its replies for {seconds} s",
@@ -536,7 +536,7 @@ export class MultiSession {
         seconds: Math.round(limitMs) / 1000,
       },
     );
-    this.#writeSince = 0;
+    this.#stall.end();
     this.close();
   }
 
