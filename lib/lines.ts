@@ -26,6 +26,17 @@ export interface ByteReader {
 }
 
 const decoder = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+// Deno decodes with a plain decoder on a faster path than with a fatal one (a few tenths of a
+// microsecond per line): lines that are all ASCII, valid UTF-8 by definition, take it.
+const asciiDecoder = new TextDecoder("utf-8", { ignoreBOM: true });
+
+/** A line's text: ASCII on the fast path, anything else checked (throws on invalid UTF-8). */
+function decodeLine(bytes: Uint8Array): string {
+  for (let i = 0; i < bytes.length; i++) {
+    if (bytes[i] > 0x7f) return decoder.decode(bytes);
+  }
+  return asciiDecoder.decode(bytes);
+}
 const NL = 0x0a;
 const CR = 0x0d;
 
@@ -117,7 +128,7 @@ export class LineReader {
     this.#start = at + 1;
     this.#scanned = this.#start;
     try {
-      return { kind: "line", line: decoder.decode(bytes) };
+      return { kind: "line", line: decodeLine(bytes) };
     } catch {
       this.#done = true;
       return INVALID;
@@ -142,7 +153,7 @@ export class LineReader {
         this.#scanned = this.#start;
         let line: string;
         try {
-          line = decoder.decode(bytes);
+          line = decodeLine(bytes);
         } catch {
           this.#done = true;
           return INVALID;
