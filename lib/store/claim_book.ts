@@ -264,11 +264,15 @@ export class ClaimBook<X> {
     return wait > 0 ? wait : 0;
   }
 
-  /** The claim holds the lock (from pending or waiting), with `token`. */
-  grant(claim: Claim<X>, token: number): void {
+  /**
+   * The claim holds the lock (from pending or waiting), with `token`; `at` is the monotonic time
+   * of the grant when the store has it already (a grant in the call that opened the claim: its
+   * `requestedAt`), else the clock is read.
+   */
+  grant(claim: Claim<X>, token: number, at?: number): void {
     if (claim.state !== "pending" && claim.state !== "waiting") return;
     const entry = this.#detach(claim)!;
-    const now = this.#clock.now();
+    const now = at ?? this.#clock.now();
     claim.state = "holding";
     claim.token = token;
     claim.grantedAt = now;

@@ -101,7 +101,8 @@ export class MemoryStore extends BookStore<undefined> {
     if (other !== undefined && conflicts(request, other.request)) {
       book.refuse(claim, ErrorReason.LIMIT_MISMATCH);
     } else if (entry.waiters.length === 0 && fits(book.group(entry), request)) {
-      this.#grant(claim);
+      // Granted in the call that opened it: at its request time (no clock read).
+      this.#grant(claim, claim.requestedAt);
     } else {
       book.queue(claim, entry.waiters.length + 1);
     }
@@ -167,7 +168,7 @@ export class MemoryStore extends BookStore<undefined> {
   }
 
   /** Takes the token first: a state file that cannot be written refuses the claim. */
-  #grant(claim: Claim<undefined>): boolean {
+  #grant(claim: Claim<undefined>, at?: number): boolean {
     let token: number;
     try {
       token = this.#tokens.next();
@@ -180,7 +181,7 @@ export class MemoryStore extends BookStore<undefined> {
       this.book.refuse(claim, STORE_UNAVAILABLE);
       return false;
     }
-    this.book.grant(claim, token);
+    this.book.grant(claim, token, at);
     return true;
   }
 
