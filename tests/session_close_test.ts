@@ -49,7 +49,18 @@ class GatedConn implements StreamConn {
   }
 }
 
-Deno.test("a session closed during its half-close sets no linger timer", async () => {
+/**
+ * A gated server side and its peer over loopback, a memory store, and the warnings logged. `race`
+ * sends `input`, closes the connection (with `close`) once its half-close is on its way, lets the
+ * half-close report back, and returns what the peer read to the end of the stream.
+ */
+async function halfCloseRace(
+  input: string,
+  start: (conn: GatedConn, table: MemoryStore, warn: (message: string) => void) => {
+    run(): Promise<void>;
+    close(): void;
+  },
+): Promise<{ text: string; warnings: string[] }> {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
   const conn = new GatedConn(await listener.accept());
@@ -57,62 +68,53 @@ Deno.test("a session closed during its half-close sets no linger timer", async (
   const table = new MemoryStore();
   await table.start();
   const warnings: string[] = [];
-  const host = {
-    table,
-    maxSessionLocks: 10,
-    warn: (message: string) => warnings.push(message),
-  };
-  const session = new MultiSession(conn, new LineReader(conn, 1024), host, "peer", "", undefined);
-  const running = session.run();
-  // A line with an empty action: `bad-request`, then the session closes (half-close first).
-  await peer.write(new TextEncoder().encode(",x\n"));
+  const server = start(conn, table, (message) => warnings.push(message));
+  const running = server.run();
+  await peer.write(new TextEncoder().encode(input));
   await conn.halfClosing.promise;
-  session.close(); // the server stops while the half-close is on its way
+  server.close(); // the server stops while the half-close is on its way
   conn.open();
   await running;
-  // The peer got the opening and the refusal, then the end of the stream.
   const text = await new Response(peer.readable).text();
-  assert.equal(text, "session,version:3,max-ids:10\nbad-request\n");
   await table.close();
+  // Nothing else to await: a timer left running fails the test (the op sanitizer).
+  return { text, warnings };
+}
+
+Deno.test("a session closed during its half-close sets no linger timer", async () => {
+  // A line with an empty action: `bad-request`, then the session closes (half-close first).
+  const { text, warnings } = await halfCloseRace(",x\n", (conn, table, warn) => {
+    const host = { table, maxSessionLocks: 10, warn };
+    return new MultiSession(conn, new LineReader(conn, 1024), host, "peer", "", undefined);
+  });
+  // The peer got the opening and the refusal, then the end of the stream.
+  assert.equal(text, "session,version:3,max-ids:10\nbad-request\n");
   assert.deepEqual(warnings, []);
-  // Nothing else to await: a timer left running fails this test (the op sanitizer).
 });
 
 Deno.test("a version 1 connection closed during its half-close sets no linger timer", async () => {
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const peer = await Deno.connect({ hostname: "127.0.0.1", port: listener.addr.port });
-  const conn = new GatedConn(await listener.accept());
-  listener.close();
-  const table = new MemoryStore();
-  await table.start();
-  const warnings: string[] = [];
-  const host: SessionHost = {
-    table,
-    maxLine: 1024,
-    firstLineTimeoutMs: 5000,
-    checkAuth: undefined,
-    allowRemoteShutdown: false,
-    maxSessionLocks: 10,
-    sessions: true,
-    statsJson: () => "{}",
-    locksJson: () => "[]",
-    requestShutdown: () => {},
-    sessionEnded: () => {},
-    tuneSoon: () => {},
-    authenticated: () => {},
-    warn: (message: string) => warnings.push(message),
-  };
-  const session = new Session(conn, host);
-  const running = session.run();
   // Two lines at once: `pong` for the first, and with a line still unread the connection
   // half-closes and drains instead of closing at once.
-  await peer.write(new TextEncoder().encode(".ping\n.ping\n"));
-  await conn.halfClosing.promise;
-  session.shutdown(); // the server stops while the half-close is on its way
-  conn.open();
-  await running;
-  const text = await new Response(peer.readable).text();
+  const { text, warnings } = await halfCloseRace(".ping\n.ping\n", (conn, table, warn) => {
+    const host: SessionHost = {
+      table,
+      maxLine: 1024,
+      firstLineTimeoutMs: 5000,
+      checkAuth: undefined,
+      allowRemoteShutdown: false,
+      maxSessionLocks: 10,
+      sessions: true,
+      statsJson: () => "{}",
+      locksJson: () => "[]",
+      requestShutdown: () => {},
+      sessionEnded: () => {},
+      tuneSoon: () => {},
+      authenticated: () => {},
+      warn,
+    };
+    const session = new Session(conn, host);
+    return { run: () => session.run(), close: () => session.shutdown() };
+  });
   assert.equal(text, "pong\n");
-  await table.close();
   assert.deepEqual(warnings, []);
 });
