@@ -92,7 +92,10 @@ class TcpProxy implements AsyncDisposable {
   sent = "";
   /** Connections accepted. */
   accepted = 0;
-  /** While true, bytes in both directions are dropped. */
+  /**
+   * While true, bytes in both directions are dropped, and so is the server's end of the stream
+   * (a partition does not carry its FIN either: a client must find out by its own deadline).
+   */
   blackhole = false;
   readonly #listener: Deno.TcpListener;
   readonly #conns = new Set<Deno.Conn>();
@@ -155,7 +158,9 @@ class TcpProxy implements AsyncDisposable {
       // closed
     } finally {
       this.#close(from);
-      this.#close(to);
+      // The client's side stays open past a partition; it is closed when the client closes it
+      // (its own pipe ends then) or when the proxy goes.
+      if (record || !this.blackhole) this.#close(to);
     }
   }
 
