@@ -96,7 +96,7 @@ export class MemoryStore extends BookStore<undefined> {
     const book = this.book;
     const claim = book.open(request, handler, undefined);
     if (claim.state !== "pending") return claim;
-    const entry = book.entry(request.name)!;
+    const entry = claim.entry!;
     const other = first(entry);
     if (other !== undefined && conflicts(request, other.request)) {
       book.refuse(claim, ErrorReason.LIMIT_MISMATCH);
