@@ -22,6 +22,7 @@ import {
 } from "./protocol.ts";
 import { Session, type SessionHost } from "./session.ts";
 import { DEFAULT_MAX_SESSION_LOCKS } from "./session_v3.ts";
+import { SlotList } from "./slot_list.ts";
 import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
 
@@ -239,14 +240,15 @@ class ServerImpl implements LockServer, SessionHost {
   readonly finished: Promise<void>;
   #options: ServerOptions;
   #listeners: Deno.Listener[] = [];
-  #sessions = new Set<Session>();
+  /** Every open connection (a slot list: see lib/slot_list.ts for why not a `Set`). */
+  readonly #sessions = new SlotList<"registrySlot", Session>("registrySlot");
   /** Sessions that have not yet sent an authenticated line, oldest first (only with a token). */
   #unauthenticated = new Set<Session>();
   #maxUnauthenticated: number;
   #tls: TlsUpgrader | undefined;
   #writeWatch: ReturnType<typeof setInterval> | undefined;
   /** Holders whose socket options are set by the next tick of {@linkcode tuneSoon}'s timer. */
-  #tuneSoon = new Set<Session>();
+  readonly #tuneSoon = new SlotList<"tuneSlot", Session>("tuneSlot");
   #tuneTimer: ReturnType<typeof setTimeout> | undefined;
   #accepting: Promise<void>[] = [];
   #resolveFinished!: () => void;
@@ -406,7 +408,7 @@ class ServerImpl implements LockServer, SessionHost {
     const every = Math.max(20, Math.min(1000, shortest / 4));
     this.#writeWatch = setInterval(() => {
       const now = performance.now();
-      for (const s of this.#sessions) s.checkDeadlines(now, this.writeTimeoutMs);
+      this.#sessions.forEach((s) => s.checkDeadlines(now, this.writeTimeoutMs));
     }, every);
     Deno.unrefTimer(this.#writeWatch);
   }
@@ -502,9 +504,7 @@ class ServerImpl implements LockServer, SessionHost {
     // the socket options; the timer is not armed while nobody waits for it (idle CPU stays 0).
     this.#tuneTimer = setTimeout(() => {
       this.#tuneTimer = undefined;
-      const due = this.#tuneSoon;
-      this.#tuneSoon = new Set();
-      for (const s of due) s.tune();
+      for (const s of this.#tuneSoon.drain()) s.tune();
     }, TUNE_DELAY_MS);
     Deno.unrefTimer(this.#tuneTimer);
   }
@@ -556,7 +556,7 @@ class ServerImpl implements LockServer, SessionHost {
       }
     }
     await Promise.all(this.#accepting);
-    for (const s of [...this.#sessions]) s.shutdown();
+    for (const s of this.#sessions.toArray()) s.shutdown();
     // The etcd store deletes its keys (revokes its lease) and disconnects.
     await this.table.close();
     log.info("Stopped", { event: "stopped" });

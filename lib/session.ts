@@ -136,6 +136,10 @@ export class Session implements ClaimHandler {
   #firstLineBy = 0;
   /** TCP_NODELAY and keepalive are set (see {@linkcode Session.tune}). */
   #tuned = false;
+  /** Its index in the server's list of open connections (-1: not in it; lib/slot_list.ts). */
+  registrySlot = -1;
+  /** Its index in the server's list of holders due for {@linkcode Session.tune} (-1: none). */
+  tuneSlot = -1;
 
   constructor(conn: Conn, host: SessionHost) {
     this.#conn = conn;
@@ -518,7 +522,7 @@ export class Session implements ClaimHandler {
       let done = 0;
       while (done < bytes.length) {
         this.#stall.begin();
-        done += await conn.write(bytes.subarray(done));
+        done += await conn.write(done === 0 ? bytes : bytes.subarray(done));
       }
       this.#stall.end();
       this.#owed -= reserved.length;

@@ -460,7 +460,8 @@ export class MultiSession {
         let done = 0;
         while (done < bytes.length) {
           this.#stall.begin();
-          done += await this.#conn.write(bytes.subarray(done));
+          // The first try writes the bytes as they are: no new view per reply.
+          done += await this.#conn.write(done === 0 ? bytes : bytes.subarray(done));
         }
         this.#stall.end();
         this.#outBytes -= bytes.length;
