@@ -131,6 +131,8 @@ export interface ServerProcess extends AsyncDisposable {
   port: number;
   /** Everything it wrote to stderr so far. */
   stderr(): string;
+  /** What it wrote to stdout so far (only with `keepStdout`). */
+  stdout(): string;
   /** Resolves when stderr has a line matching `re` (rejects after `timeoutMs`). */
   waitForLog(re: RegExp, timeoutMs?: number): Promise<string>;
   /** Sends a signal and waits for the exit status. */
@@ -148,6 +150,12 @@ export async function startServerProcess(
     listen?: string;
     /** Run it under `ulimit -n` this low (bash execs the server: the pid is the server's). */
     fdLimit?: number;
+    /** Flags for `deno run` itself (`--v8-flags=...`). */
+    denoFlags?: string[];
+    /** Leave out `--info` (every lock event logged): the server as it runs by default. */
+    quiet?: boolean;
+    /** Keep what the server writes on stdout (V8's traces), for `stdout()`. */
+    keepStdout?: boolean;
   } = {},
 ): Promise<ServerProcess> {
   const hasPort = args.includes("--port");
@@ -157,8 +165,9 @@ export async function startServerProcess(
       ...(limited ? ["-c", `ulimit -n ${options.fdLimit} && exec "$0" "$@"`, Deno.execPath()] : []),
       "run",
       "-A",
+      ...(options.denoFlags ?? []),
       `${ROOT}server.ts`,
-      "--info",
+      ...(options.quiet ? [] : ["--info"]),
       "--listen",
       options.listen ?? "127.0.0.1",
       ...(hasPort ? [] : ["--port", "0"]),
@@ -170,11 +179,15 @@ export async function startServerProcess(
     stderr: "piped",
   }).spawn();
   let text = "";
+  let out = "";
   const waiters: { re: RegExp; resolve: (l: string) => void }[] = [];
   const decoder = new TextDecoder();
   const pump = async (stream: ReadableStream<Uint8Array>, keep: boolean) => {
     for await (const chunk of stream) {
-      if (!keep) continue;
+      if (!keep) {
+        if (options.keepStdout) out += decoder.decode(chunk, { stream: true });
+        continue;
+      }
       text += decoder.decode(chunk, { stream: true });
       for (const w of [...waiters]) {
         const m = text.split("\n").find((l) => w.re.test(l));
@@ -232,6 +245,7 @@ export async function startServerProcess(
     child,
     port,
     stderr: () => text,
+    stdout: () => out,
     waitForLog,
     stop,
     [Symbol.asyncDispose]: async () => {
