@@ -23,6 +23,7 @@ import {
 import { Session, type SessionHost } from "./session.ts";
 import { DEFAULT_MAX_SESSION_LOCKS } from "./session_v3.ts";
 import { SlotList } from "./slot_list.ts";
+import { collectGarbage, SurgeWatch } from "./memory.ts";
 import { TokenSequence, type TokenSource } from "./tokens.ts";
 import { VERSION } from "./version.ts";
 
@@ -249,6 +250,8 @@ class ServerImpl implements LockServer, SessionHost {
   #writeWatch: ReturnType<typeof setInterval> | undefined;
   /** Holders whose socket options are set by the next tick of {@linkcode tuneSoon}'s timer. */
   readonly #tuneSoon = new SlotList<"tuneSlot", Session>("tuneSlot");
+  /** When a surge of connections is over, the memory it grew is collected (lib/memory.ts). */
+  readonly #surge = new SurgeWatch();
   #tuneTimer: ReturnType<typeof setTimeout> | undefined;
   #accepting: Promise<void>[] = [];
   #resolveFinished!: () => void;
@@ -401,7 +404,8 @@ class ServerImpl implements LockServer, SessionHost {
    * One watchdog for every connection's deadlines: the first line not come by the first-line
    * (or auth) timeout, and a write that has not moved for the write timeout (a peer that stopped
    * reading); the connection is closed (its lock freed). A deadline is acted on within a quarter
-   * of its timeout (at most a second) after it passed.
+   * of its timeout (at most a second) after it passed. It also sees a surge of connections end
+   * (lib/memory.ts).
    */
   #startWriteWatch(): void {
     const shortest = Math.min(this.writeTimeoutMs, this.firstLineTimeoutMs);
@@ -409,8 +413,29 @@ class ServerImpl implements LockServer, SessionHost {
     this.#writeWatch = setInterval(() => {
       const now = performance.now();
       this.#sessions.forEach((s) => s.checkDeadlines(now, this.writeTimeoutMs));
+      const peak = this.#surge.isOver(this.#sessions.size);
+      if (peak > 0) this.#giveMemoryBack(peak);
     }, every);
     Deno.unrefTimer(this.#writeWatch);
+  }
+
+  /** A surge of `peak` connections is over: what it grew is collected and given back. */
+  async #giveMemoryBack(peak: number): Promise<void> {
+    const before = Deno.memoryUsage();
+    if (!(await collectGarbage())) return;
+    const after = Deno.memoryUsage();
+    const mb = (bytes: number) => Math.round(bytes / 2 ** 20 * 10) / 10;
+    log.info(
+      "A surge of {peak} connections is over: heap {heap_before_mb} MB collected to " +
+        "{heap_after_mb} MB (RSS {rss_before_mb} MB before)",
+      {
+        event: "memory",
+        peak,
+        heap_before_mb: mb(before.heapUsed),
+        heap_after_mb: mb(after.heapUsed),
+        rss_before_mb: mb(before.rss),
+      },
+    );
   }
 
   #accept(tcp: Deno.Conn): void {
@@ -447,6 +472,7 @@ class ServerImpl implements LockServer, SessionHost {
     const conn: StreamConn = this.#tls === undefined ? tcp : this.#tls.upgrade(tcp);
     const session = new Session(conn, this);
     this.#sessions.add(session);
+    this.#surge.opened(this.#sessions.size);
     if (this.checkAuth !== undefined) {
       this.#unauthenticated.add(session);
       if (this.#unauthenticated.size > this.#maxUnauthenticated) this.#evictUnauthenticated();
