@@ -32,7 +32,9 @@ export interface StreamConn {
  * Whether a connection's writes are moving, as the server's watchdog sees them: no clock is
  * read per write (a `performance.now()` is an op call, and a connection writes twice per lock).
  * A write counts as stalled from the first watchdog tick that finds it in progress, so a stall
- * is reported at most one tick late and never early.
+ * is reported at most one tick late and never early. {@linkcode WriteStall.inFlight} counts the
+ * writes in progress over every connection: with none (and no first line awaited), the watchdog
+ * has nothing to look at.
  *
  * @example
  * ```ts
@@ -45,20 +47,30 @@ export interface StreamConn {
  * ```
  */
 export class WriteStall {
+  static #inFlight = 0;
   #writes = 0;
   #active = false;
   #seen = -1;
   #since = 0;
 
+  /** Writes in progress now, over every connection of the process. */
+  static get inFlight(): number {
+    return WriteStall.#inFlight;
+  }
+
   /** A write starts (each partial write counts as a new one: the bytes moved). */
   begin(): void {
     this.#writes++;
+    if (this.#active) return;
     this.#active = true;
+    WriteStall.#inFlight++;
   }
 
-  /** No write in progress. */
+  /** No write in progress (also when the connection closes with one in progress). */
   end(): void {
+    if (!this.#active) return;
     this.#active = false;
+    WriteStall.#inFlight--;
   }
 
   /** How long (ms) the write in progress has waited at least, by the ticks seen; 0: none. */

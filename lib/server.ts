@@ -412,7 +412,10 @@ class ServerImpl implements LockServer, SessionHost {
     const every = Math.max(20, Math.min(1000, shortest / 4));
     this.#writeWatch = setInterval(() => {
       const now = performance.now();
-      this.#sessions.forEach((s) => s.checkDeadlines(now, this.writeTimeoutMs));
+      // Thousands of idle holders: nothing to look at (and no walk over them every tick).
+      if (Session.awaiting > 0) {
+        this.#sessions.forEach((s) => s.checkDeadlines(now, this.writeTimeoutMs));
+      }
       const peak = this.#surge.isOver(this.#sessions.size);
       if (peak > 0) this.#giveMemoryBack(peak);
     }, every);

@@ -60,6 +60,8 @@ export type Conn = StreamConn;
 const encoder = new TextEncoder();
 const RESOLVED: Promise<void> = Promise.resolve();
 const encoded = new Map<string, Uint8Array>();
+/** Connections of the process whose first line is awaited (see {@linkcode Session.awaiting}). */
+let firstLinesAwaited = 0;
 /** Encodes a reply line, caching the fixed ones. */
 function line(text: string, cache = false): Uint8Array {
   if (!cache) return encodeLine(text);
@@ -155,10 +157,11 @@ export class Session implements ClaimHandler {
       // The server's watchdog closes the connection if no line comes by then (one interval for
       // every connection: no timer set and cleared per connection).
       this.#firstLineBy = performance.now() + this.#host.firstLineTimeoutMs;
+      firstLinesAwaited++;
       this.#reading = true;
       const first = await reader.next();
       this.#reading = false;
-      this.#firstLineBy = 0;
+      this.#firstLineCame();
       if (first.kind === "too-long") return await this.#overLong();
       await this.#first(first);
       while (this.#state === "waiting" || this.#state === "holding") {
@@ -233,7 +236,7 @@ export class Session implements ClaimHandler {
    */
   checkDeadlines(now: number, limitMs: number): void {
     if (this.#firstLineBy !== 0 && now > this.#firstLineBy) {
-      this.#firstLineBy = 0;
+      this.#firstLineCame();
       this.#close();
       return;
     }
@@ -639,10 +642,27 @@ export class Session implements ClaimHandler {
     }
   }
 
+  /**
+   * Connections (of every server in the process) that may have a deadline for the watchdog: a
+   * first line awaited, or a write in progress. None: the watchdog walks no connection.
+   */
+  static get awaiting(): number {
+    return firstLinesAwaited + WriteStall.inFlight;
+  }
+
+  /** The first line came (or will not: the connection closes). */
+  #firstLineCame(): void {
+    if (this.#firstLineBy === 0) return;
+    this.#firstLineBy = 0;
+    firstLinesAwaited--;
+  }
+
   /** Closes the socket at once and frees whatever the connection held or waited for. */
   #close(): void {
     if (this.#state === "closed") return;
     this.#state = "closed";
+    this.#firstLineCame();
+    this.#stall.end();
     this.#stopPositionTimer();
     if (this.#timer !== undefined) {
       clearTimeout(this.#timer);

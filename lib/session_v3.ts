@@ -551,6 +551,7 @@ export class MultiSession {
     clearTimeout(this.#leaseTimer);
     clearTimeout(this.#lingerTimer);
     this.#positionTimer = this.#leaseTimer = this.#lingerTimer = undefined;
+    this.#stall.end();
     try {
       this.#conn.close();
     } catch {
