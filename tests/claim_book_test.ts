@@ -81,3 +81,22 @@ Deno.test("claim book: idle entries are swept after a second idle, and never pil
   book.end(busy, "released");
   assert.equal(book.size, 0);
 });
+
+Deno.test("claim book: a grant's wall-clock time reads the same every time (real clock)", async () => {
+  const book = new ClaimBook<undefined>({ left: () => {} });
+  const claim = book.open(
+    { name: "w", limit: 1, wait: 0, clientId: "", remote: "127.0.0.1:1" },
+    new Recorder(),
+    undefined,
+  );
+  book.grant(claim, 1);
+  const first = claim.grantedWall;
+  assert.ok(Math.abs(first - Date.now()) < 1000, "about now");
+  // Reads a few ms apart, on both sides of millisecond boundaries: the same value.
+  for (let i = 0; i < 5; i++) {
+    await new Promise((r) => setTimeout(r, 3));
+    assert.equal(claim.grantedWall, first);
+  }
+  book.end(claim, "released");
+  book.close();
+});

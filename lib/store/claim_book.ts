@@ -79,13 +79,19 @@ export class Claim<X = unknown> implements ClaimView, HeapItem {
     this.ext = ext;
   }
 
+  #grantedWall = 0;
+
   /**
-   * Wall clock ms of the grant (0 before), from the monotonic time of the grant: no clock read
-   * per grant for what only `.locks` and the live page show.
+   * Wall clock ms of the grant (0 before), worked out from the monotonic time of the grant when
+   * first asked (no clock read per grant for what only `.locks` and the live page show), then the
+   * same on every read.
    */
   get grantedWall(): number {
     if (this.grantedAt === 0) return 0;
-    return this.#clock.wallNow() - (this.#clock.now() - this.grantedAt);
+    if (this.#grantedWall === 0) {
+      this.#grantedWall = Math.round(this.#clock.wallNow() - (this.#clock.now() - this.grantedAt));
+    }
+    return this.#grantedWall;
   }
 }
 
