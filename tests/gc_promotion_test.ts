@@ -40,6 +40,19 @@ function lineCounter(conn: Deno.Conn) {
   };
 }
 
+/** One cycle on `conn`: `lock` → its reply, `release` → its reply. */
+async function lockRelease(
+  conn: Deno.Conn,
+  lines: ReturnType<typeof lineCounter>,
+  lock: Uint8Array,
+  release: Uint8Array,
+): Promise<void> {
+  await conn.write(lock);
+  await lines.waitFor(1);
+  await conn.write(release);
+  await lines.waitFor(1);
+}
+
 /** One session cycling `lock` → `ok` → `release` → `released` on its own name. */
 async function sessionCycles(port: number, name: string, cycles: number): Promise<void> {
   const conn = await Deno.connect({ hostname: "127.0.0.1", port });
@@ -49,12 +62,7 @@ async function sessionCycles(port: number, name: string, cycles: number): Promis
     await lines.waitFor(1);
     const lock = enc.encode(`lock,id:0,name:${name}\n`);
     const release = enc.encode("release,id:0\n");
-    for (let i = 0; i < cycles; i++) {
-      await conn.write(lock);
-      await lines.waitFor(1);
-      await conn.write(release);
-      await lines.waitFor(1);
-    }
+    for (let i = 0; i < cycles; i++) await lockRelease(conn, lines, lock, release);
   } finally {
     conn.close();
   }
@@ -67,11 +75,7 @@ async function connectionCycles(port: number, name: string, cycles: number): Pro
   for (let i = 0; i < cycles; i++) {
     const conn = await Deno.connect({ hostname: "127.0.0.1", port });
     try {
-      const lines = lineCounter(conn);
-      await conn.write(lock);
-      await lines.waitFor(1);
-      await conn.write(release);
-      await lines.waitFor(1);
+      await lockRelease(conn, lineCounter(conn), lock, release);
     } finally {
       conn.close();
     }
