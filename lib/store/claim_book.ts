@@ -52,6 +52,7 @@ export class Claim<X = unknown> implements ClaimView, HeapItem {
   state: ClaimState = "pending";
   token = 0;
   grantedAt = 0;
+  grantedWall = 0;
   /** Monotonic ms at which the wait or the lease runs out (Infinity: never). */
   deadline = Infinity;
   heapIndex = -1;
@@ -69,29 +70,12 @@ export class Claim<X = unknown> implements ClaimView, HeapItem {
   readonly ext: X;
   /** Its name's entry in the book, once filed (a refused claim may have none). */
   entry: BookEntry<X> | undefined;
-  readonly #clock: Clock;
 
   constructor(request: ClaimRequest, handler: ClaimHandler, clock: Clock, ext: X) {
     this.request = request;
     this.handler = handler;
-    this.#clock = clock;
     this.requestedAt = clock.now();
     this.ext = ext;
-  }
-
-  #grantedWall = 0;
-
-  /**
-   * Wall clock ms of the grant (0 before), worked out from the monotonic time of the grant when
-   * first asked (no clock read per grant for what only `.locks` and the live page show), then the
-   * same on every read.
-   */
-  get grantedWall(): number {
-    if (this.grantedAt === 0) return 0;
-    if (this.#grantedWall === 0) {
-      this.#grantedWall = Math.round(this.#clock.wallNow() - (this.#clock.now() - this.grantedAt));
-    }
-    return this.#grantedWall;
   }
 }
 
@@ -351,6 +335,7 @@ export class ClaimBook<X> {
     claim.state = "holding";
     claim.token = token;
     claim.grantedAt = now;
+    claim.grantedWall = this.#clock.wallNow();
     entry.holders.add(claim);
     this.#held++;
     this.counters.acquired++;
