@@ -19,16 +19,13 @@ import {
   ServerUnreachableError,
   TcpNetLockError,
 } from "../client.ts";
-import { makeTlsFixture, startServerProcess, startTestServer, until } from "./test_util.ts";
-import type { LockInfo } from "../lib/protocol.ts";
-
-/** What `.locks` shows once the store has caught up with its own writes (etcd: the watch). */
-async function settledLocks(
-  srv: { server: { table: { settled(): Promise<void> }; locks(): LockInfo[] } },
-): Promise<LockInfo[]> {
-  await srv.server.table.settled();
-  return srv.server.locks();
-}
+import {
+  makeTlsFixture,
+  settledLocks,
+  startServerProcess,
+  startTestServer,
+  until,
+} from "./test_util.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Assertions (node:assert/strict, plus the ones that return what they checked)

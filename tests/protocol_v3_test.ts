@@ -3,7 +3,7 @@
 // also runs against the etcd store (tests/run_with_etcd.ts).
 
 import assert from "node:assert/strict";
-import { exchange, RawClient, startTestServer, until } from "./test_util.ts";
+import { exchange, RawClient, settledLocks, startTestServer, until } from "./test_util.ts";
 
 /** A raw session: sends lines, reads replies, keeps the ones read ahead for later. */
 class RawSession implements AsyncDisposable {
@@ -81,7 +81,7 @@ Deno.test("session: opening, pong, alive and bad-action (the session stays)", as
   assert.equal(await c.request(".stats"), "bad-action", "admin actions are first-line only");
   assert.equal(await c.request("frobnicate,id:a"), "bad-action", "the session stays");
   assert.match((await c.request("lock,id:a,name:first")) ?? "", OK("a"));
-  const locks = srv.server.locks();
+  const locks = await settledLocks(srv);
   assert.equal(locks[0]?.holders[0]?.client_id, "web-1", "the session's client id is the holder's");
 });
 
@@ -175,7 +175,7 @@ Deno.test("session: a live id is a duplicate; a released, refused or timed out o
   assert.match((await s.line())!, OK("a"));
   await s.send("lock,id:a,name:d2");
   assert.equal(await s.line(), "err,duplicate id,id:a");
-  assert.equal(srv.server.locks().length, 1, "the duplicate took nothing");
+  assert.equal((await settledLocks(srv)).length, 1, "the duplicate took nothing");
   // Release and reuse in one write: the reuse's reply comes after `released`.
   await s.send("release,id:a", "lock,id:a,name:d2");
   assert.equal(await s.line(), "released,id:a");

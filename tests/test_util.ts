@@ -6,6 +6,7 @@
 
 import { LineReader } from "../lib/lines.ts";
 import { type LockServer, type ServerOptions, startServer } from "../lib/server.ts";
+import type { LockInfo } from "../lib/protocol.ts";
 
 /** The repository root (where deno.json is). */
 export const ROOT: string = new URL("..", import.meta.url).pathname;
@@ -45,6 +46,16 @@ export async function startTestServer(options: ServerOptions = {}): Promise<Test
     hostname: server.hostname,
     [Symbol.asyncDispose]: () => server.close(),
   };
+}
+
+/**
+ * What `.locks` shows once the store has caught up with its own writes. The etcd store's view
+ * comes from its watch, a moment after the reply that granted a lock: read it without waiting and
+ * a lock just granted may be missing.
+ */
+export async function settledLocks(srv: TestServer): Promise<LockInfo[]> {
+  await srv.server.table.settled();
+  return srv.server.locks();
 }
 
 const encoder = new TextEncoder();
