@@ -371,3 +371,50 @@ Deno.test("etcd store (fake): a shared request behind more shared holders than i
   await w.ask(a, req("x", { mode: "exclusive" }), x);
   assert.deepEqual(x.log, ["not-granted"]);
 });
+
+Deno.test("etcd store (fake): a name's key is written again by the server's next claim, only once the delete of the one before is done", async () => {
+  await using w = new World();
+  const a = await w.server();
+  const claim = await w.ask(a, req("x"), new Recorder());
+  const [key] = w.keys("x");
+  w.etcd.fail("txn", (keys) => keys.includes(key));
+  let released = false;
+  const done = a.end(claim, "released").then(() => released = true);
+  await w.clock.advance(200);
+  // The first key is still in etcd: the next request takes a key of its own (and finds x taken).
+  const other = new Recorder();
+  await w.ask(a, req("x"), other);
+  assert.deepEqual(other.log, ["not-granted"]);
+  w.etcd.heal();
+  await w.clock.advance(1000);
+  await done;
+  assert.equal(released, true);
+  assert.deepEqual(w.keys("x"), []);
+  const next = new Recorder();
+  const again = await w.ask(a, req("x"), next);
+  assert.equal(next.last?.startsWith("granted:"), true, next.log.join(" "));
+  assert.deepEqual(w.keys("x"), [key], "the name's key, written again");
+  await a.end(again, "released");
+});
+
+Deno.test("etcd store (fake): the late delete event of a name's last claim does not take the lock from the next claim on the same key", async () => {
+  await using w = new World();
+  const a = await w.server(3);
+  const first = await w.ask(a, req("x"), new Recorder());
+  const [key] = w.keys("x");
+  // The watch holds back the delete of the first claim's key until the next claim has written it.
+  w.etcd.stallWatches();
+  await a.end(first, "released");
+  const second = new Recorder();
+  const held = await w.ask(a, req("x"), second);
+  assert.deepEqual(w.keys("x"), [key]);
+  assert.equal(second.last?.startsWith("granted:"), true, second.log.join(" "));
+  w.etcd.resumeWatches();
+  await w.clock.advance(3000);
+  assert.equal(second.log.length, 1, `still held: ${second.log.join(" ")}`);
+  const [info] = a.snapshot();
+  assert.equal(info.holders[0].token, Number(second.last!.slice("granted:".length)));
+  assert.equal(w.keys("x").length, 1);
+  await a.end(held, "released");
+  assert.deepEqual(w.keys("x"), []);
+});

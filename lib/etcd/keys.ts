@@ -1,8 +1,11 @@
 /**
  * How the etcd store lays out its keys and what their values say.
  *
- * - `PREFIX/NAME/SERVER-SEQ`: one key per request (holder or waiter) of lock NAME, written by
- *   server SERVER, attached to that server's lease. Its value is a JSON {@linkcode KeyInfo}.
+ * - `PREFIX/NAME/SERVER-...`: one key per request (holder or waiter) of lock NAME, written by
+ *   server SERVER, attached to that server's lease. Its value is a JSON {@linkcode KeyInfo}. The
+ *   server's first request on a name writes the name's reusable key `SERVER-~GEN` (written again
+ *   by a later request once deleted), the requests beside it keys of their own `SERVER-SEQ`
+ *   (SEQ in base 36, which has no `~`).
  * - `PREFIX/!hb/SERVER`: a server's heartbeat key, written to check that its watch still
  *   delivers (`!` is never in a lock name, so it is never taken for one).
  *
@@ -13,7 +16,7 @@ import type { LockMode } from "../protocol.ts";
 
 /** What a lock key's value says. */
 export interface KeyInfo {
-  /** The writer's unique id for the request (the key's last segment). */
+  /** The writer's unique id for the request (`SERVER-SEQ`: the key may be a reused one). */
   owner: string;
   /** The write's slot in its batch (its token is `revision × 128 + slot`). */
   slot: number;
@@ -80,7 +83,7 @@ export function nameOf(root: string, key: string): string | undefined {
   return name === HEARTBEAT_SEGMENT ? undefined : name;
 }
 
-/** The last segment of a key (`SERVER-SEQ` for a lock key). */
+/** The last segment of a key (`SERVER-SEQ` or `SERVER-~GEN` for a lock key). */
 export function ownerOf(key: string): string {
   return key.slice(key.lastIndexOf("/") + 1);
 }

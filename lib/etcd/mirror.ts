@@ -37,8 +37,8 @@ export interface MirrorEvents {
   changed(names: ReadonlySet<string>): void;
   /** A lock key was written. */
   put(key: string): void;
-  /** A lock key went. */
-  deleted(key: string): void;
+  /** A lock key went, at `revision` (or by then). */
+  deleted(key: string, revision: number): void;
   /** Write the heartbeat key now; resolves to the write's revision (undefined: not written). */
   heartbeat(): Promise<number | undefined>;
   /** Something to log at warning level. */
@@ -235,7 +235,7 @@ export class EtcdMirror {
       if (!this.#byKey.has(key)) {
         const name = nameOf(this.#root, key);
         if (name !== undefined) names.add(name);
-        this.#events.deleted(key);
+        this.#events.deleted(key, all.revision);
       }
     }
     if (names.size > 0) this.#events.changed(names);
@@ -315,7 +315,7 @@ export class EtcdMirror {
         const name = this.#delete(kv.key);
         if (name === undefined) continue;
         touched.add(name);
-        this.#events.deleted(kv.key);
+        this.#events.deleted(kv.key, kv.modRevision);
       }
     }
     // Only events move the revision: a response's header may be ahead of the events it carries
