@@ -26,9 +26,39 @@ export interface MirrorRecord {
   /** Its create revision (its place in the queue). */
   readonly rev: number;
   /** Its last write's revision. */
-  modRev: number;
+  readonly modRev: number;
   /** What its value says. */
-  info: KeyInfo;
+  readonly info: KeyInfo;
+}
+
+/**
+ * A record whose value is parsed when first read: most keys come and go (a lock taken and
+ * released) without anyone reading their details.
+ */
+class KeptRecord implements MirrorRecord {
+  readonly key: string;
+  readonly rev: number;
+  modRev: number;
+  #value: string;
+  #info: KeyInfo | undefined;
+
+  constructor(key: string, rev: number, modRev: number, value: string) {
+    this.key = key;
+    this.rev = rev;
+    this.modRev = modRev;
+    this.#value = value;
+  }
+
+  get info(): KeyInfo {
+    return this.#info ??= parseInfo(this.#value);
+  }
+
+  /** The key was written again. */
+  rewrite(modRev: number, value: string): void {
+    this.modRev = modRev;
+    this.#value = value;
+    this.#info = undefined;
+  }
 }
 
 /** What the mirror tells the store. */
@@ -70,8 +100,8 @@ export class EtcdMirror {
   readonly #events: MirrorEvents;
   readonly #root: string;
   readonly #graceMs: number;
-  readonly #byName = new Map<string, MirrorRecord[]>();
-  readonly #byKey = new Map<string, MirrorRecord>();
+  readonly #byName = new Map<string, KeptRecord[]>();
+  readonly #byKey = new Map<string, KeptRecord>();
   /** Every event up to this revision has been applied. */
   #revision = 0;
   /** The newest revision a write of this server's produced. */
@@ -327,19 +357,21 @@ export class EtcdMirror {
   #put(key: string, rev: number, modRev: number, value: string): string | undefined {
     const name = nameOf(this.#root, key);
     if (name === undefined) return undefined;
-    const info = parseInfo(value);
     const existing = this.#byKey.get(key);
     if (existing !== undefined) {
-      existing.info = info;
-      existing.modRev = modRev;
-      return name;
+      if (existing.rev === rev) {
+        existing.rewrite(modRev, value);
+        return name;
+      }
+      // The key was deleted and written again (a reused key) without the delete in between.
+      this.#delete(key);
     }
     let recs = this.#byName.get(name);
     if (recs === undefined) {
       recs = [];
       this.#byName.set(name, recs);
     }
-    const rec: MirrorRecord = { key, rev, modRev, info };
+    const rec = new KeptRecord(key, rev, modRev, value);
     let i = recs.length;
     while (i > 0 && recs[i - 1].rev > rev) i--;
     recs.splice(i, 0, rec);
