@@ -20,6 +20,14 @@
  * @module
  */
 
+import { SlotList } from "../slot_list.ts";
+
+/** A call to etcd in flight: its abort (its deadline, or the client's close). */
+interface Call {
+  slot: number;
+  readonly abort: AbortController;
+}
+
 /** Options of an {@linkcode EtcdClient}. */
 export interface EtcdClientOptions {
   /** Client URLs of the members, e.g. `http://127.0.0.1:2379`. */
@@ -362,6 +370,8 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   #current = 0;
   #http: Deno.HttpClient;
   #closed = new AbortController();
+  /** Calls in flight (aborted on close). */
+  readonly #calls = new SlotList<"slot", Call>("slot");
   #username: string | undefined;
   #password: string | undefined;
   #token: string | undefined;
@@ -450,23 +460,37 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   async #post(endpoint: string, path: string, body: Json, timeoutMs: number): Promise<Json> {
     const headers: Record<string, string> = { "content-type": "application/json" };
     if (this.#token !== undefined) headers.authorization = this.#token;
+    // The deadline: a timer cleared when the answer is in. (`AbortSignal.timeout` kept every
+    // call's signal and timer alive for the whole deadline, then fired it anyway: a DOMException
+    // and an abort event per call, long after the answer.)
+    const call: Call = { slot: -1, abort: new AbortController() };
+    const timer = setTimeout(
+      () => call.abort.abort(new DOMException("Signal timed out.", "TimeoutError")),
+      timeoutMs,
+    );
+    this.#calls.add(call);
     let res: Response;
-    try {
-      res = await fetch(endpoint + path, {
-        method: "POST",
-        headers,
-        body: JSON.stringify(body),
-        client: this.#http,
-        signal: AbortSignal.any([this.#closed.signal, AbortSignal.timeout(timeoutMs)]),
-      });
-    } catch (err) {
-      throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
-    }
     let text: string;
     try {
-      text = await res.text();
-    } catch (err) {
-      throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
+      try {
+        res = await fetch(endpoint + path, {
+          method: "POST",
+          headers,
+          body: JSON.stringify(body),
+          client: this.#http,
+          signal: call.abort.signal,
+        });
+      } catch (err) {
+        throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
+      }
+      try {
+        text = await res.text();
+      } catch (err) {
+        throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
+      }
+    } finally {
+      clearTimeout(timer);
+      this.#calls.delete(call);
     }
     let json: Json;
     try {
@@ -711,6 +735,7 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   close(): void {
     if (this.#closed.signal.aborted) return;
     this.#closed.abort();
+    for (const call of this.#calls.drain()) call.abort.abort(this.#closed.signal.reason);
     this.#http.close();
   }
 

@@ -454,8 +454,9 @@ export class EtcdStore extends BookStore<EtcdExt> {
       this.#refuseAndDelete(claim, ErrorReason.LIMIT_MISMATCH);
       return;
     }
-    if (wroteNow && at >= 0 && holdingPrefix(first.slice(0, at + 1)) > at) {
-      // Among the holders at the revision of its own write: that write granted it. (A retried
+    if (wroteNow && (at === 0 || at > 0 && holdingPrefix(first.slice(0, at + 1)) > at)) {
+      // First in the queue (a name with no key before it: the common case, no value to read), or
+      // among the holders at the revision of its own write: that write granted it. (A retried
       // transaction that found its key written earlier goes through the mirror instead: its
       // grant needs a write of its own, so that its token is the newest revision.)
       this.book.grant(claim, tokenOf(placed.revision, placed.slot));
