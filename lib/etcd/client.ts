@@ -468,7 +468,8 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
       () => call.abort.abort(new DOMException("Signal timed out.", "TimeoutError")),
       timeoutMs,
     );
-    this.#calls.add(call);
+    if (this.#closed.signal.aborted) call.abort.abort(this.#closed.signal.reason);
+    else this.#calls.add(call);
     let res: Response;
     let text: string;
     try {
