@@ -149,11 +149,17 @@ function shellQuote(s: string): string {
   return `'${s.replaceAll("'", `'\\''`)}'`;
 }
 
-/** Starts `members` etcd members (1 or 3) as children; resolves once all are healthy. */
-export async function startEtcd(options: { members?: number } = {}): Promise<EtcdCluster> {
+/**
+ * Starts `members` etcd members (1 or 3) as children, each with `flags` added; resolves once all
+ * are healthy.
+ */
+export async function startEtcd(
+  options: { members?: number; flags?: string[] } = {},
+): Promise<EtcdCluster> {
   const count = options.members ?? 1;
   const root = await tempDir();
-  const { members, args } = plan(count, root);
+  const { members, args: planned } = plan(count, root);
+  const args = planned.map((a) => [...a, ...(options.flags ?? [])]);
   const statuses = new Map<number, Promise<Deno.CommandStatus>>();
   const spawn = (i: number) => {
     const cmd = [etcdBinary(), ...args[i]].map(shellQuote).join(" ");
