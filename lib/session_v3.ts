@@ -22,6 +22,7 @@ import {
   type Refusal,
 } from "./store/types.ts";
 import { parseMode } from "./store/rules.ts";
+import { SmallMap } from "./small_set.ts";
 import {
   Action,
   ErrorReason,
@@ -124,7 +125,7 @@ export class MultiSession {
   readonly #clientId: string;
   readonly #ttlMs: number | undefined;
   /** Live ids: waiting, holding, or pending in the store. */
-  readonly #entries = new Map<string, Entry>();
+  readonly #entries = new SmallMap<string, Entry>();
   /** Ids whose release is on its way to the store: a new lock with the id waits for it. */
   readonly #ending = new Map<string, Promise<void>>();
   /** Waiters with a position still to send (at most one line per interval each). */

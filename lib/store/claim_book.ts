@@ -34,6 +34,7 @@
 import { type Clock, systemClock, type TimerHandle } from "./clock.ts";
 import { DeadlineHeap, type HeapItem } from "./deadline_heap.ts";
 import { emptyGroup, type HolderGroup, join } from "./rules.ts";
+import { SmallSet } from "../small_set.ts";
 import {
   type ClaimHandler,
   type ClaimRequest,
@@ -88,9 +89,9 @@ export interface BookEntry<X> {
    */
   idle: number;
   /** Claims whose outcome the store has not decided yet. */
-  readonly pending: Set<Claim<X>>;
-  /** Claims holding the name. */
-  readonly holders: Set<Claim<X>>;
+  readonly pending: SmallSet<Claim<X>>;
+  /** Claims holding the name, in grant order. */
+  readonly holders: SmallSet<Claim<X>>;
   /** Claims waiting, in arrival order. */
   readonly waiters: Claim<X>[];
 }
@@ -252,8 +253,8 @@ export class ClaimBook<X> {
   group(entry: BookEntry<X>): HolderGroup {
     // Holders of a name all hold in one mode (the rules never mix them): the first one says.
     const g = emptyGroup();
-    const first = entry.holders.values().next();
-    if (!first.done) join(g, first.value.request);
+    const first = entry.holders.first();
+    if (first !== undefined) join(g, first.request);
     g.count = entry.holders.size;
     return g;
   }
@@ -299,8 +300,8 @@ export class ClaimBook<X> {
         entry = {
           name: request.name,
           idle: -1,
-          pending: new Set(),
-          holders: new Set(),
+          pending: new SmallSet(),
+          holders: new SmallSet(),
           waiters: [],
         };
         this.#entries.set(request.name, entry);

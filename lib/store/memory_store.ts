@@ -212,6 +212,5 @@ export class MemoryStore extends BookStore<undefined> {
 /** Any claim holding or waiting on the entry's name (they all have the same limit here, and a
  * shared one's limit is 1). */
 function first(entry: BookEntry<undefined>): Claim<undefined> | undefined {
-  const h = entry.holders.values().next();
-  return h.done ? entry.waiters[0] : h.value;
+  return entry.holders.first() ?? entry.waiters[0];
 }
