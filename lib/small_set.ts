@@ -7,7 +7,7 @@
  * each time allocating a new table, and a long-lived set's new tables are allocated in the old
  * generation. The claim book's per-name sets live as long as their name is in use, so each lock
  * and release left two dead tables there: a few MB a second under load, and a full collection
- * about every second (heap sampling of major-GC garbage; tests/gc_promotion_test.ts).
+ * about every second (heap sampling of major-GC garbage; tests/small_set_test.ts).
  *
  * Iteration is in insertion order, as a `Set`'s.
  *
