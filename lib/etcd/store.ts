@@ -423,6 +423,9 @@ export class EtcdStore extends BookStore<EtcdExt> {
         isShared(claim.request) ? SHARED_HEAD : limit,
         (slot) => this.#value(claim, false, slot),
         lease,
+        // Neither the mirror nor this server knows of another key of the name: most likely the
+        // write alone takes it.
+        this.#leanFor(name),
       );
     } catch (err) {
       this.#warn("Cannot write the key of lock {lock}: {error}", err, { lock: name });
@@ -474,6 +477,14 @@ export class EtcdStore extends BookStore<EtcdExt> {
     // It waits: where, the mirror says once it has seen the write.
     ext.placed = true;
     if (this.#mirror.revision >= ext.rev) this.#evaluate(name);
+  }
+
+  /** May a placement on `name` be lean (see {@linkcode EtcdWriter.place})? */
+  #leanFor(name: string): boolean {
+    const entry = this.book.entry(name);
+    return this.#mirror.records(name).length === 0 &&
+      (entry === undefined ||
+        entry.pending.size <= 1 && entry.holders.size === 0 && entry.waiters.length === 0);
   }
 
   /**

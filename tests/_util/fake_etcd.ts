@@ -56,6 +56,8 @@ export interface CallRecord {
   kind: CallKind;
   /** The keys a txn wrote or a delete deleted. */
   keys: string[];
+  /** The transaction, for a txn. */
+  txn?: Txn;
 }
 
 interface Fault {
@@ -240,7 +242,7 @@ export class FakeEtcd implements EtcdApi {
         plan.nested,
       );
       return { succeeded: plan.succeeded, revision, results };
-    });
+    }, txn);
   }
 
   #plan(t: Txn): Plan {
@@ -332,8 +334,8 @@ export class FakeEtcd implements EtcdApi {
 
   readonly #history: { rev: number; event: WatchEvent }[] = [];
 
-  #call<T>(kind: CallKind, keys: string[], run: () => T | Promise<T>): Promise<T> {
-    this.calls.push({ kind, keys });
+  #call<T>(kind: CallKind, keys: string[], run: () => T | Promise<T>, txn?: Txn): Promise<T> {
+    this.calls.push(txn === undefined ? { kind, keys } : { kind, keys, txn });
     this.#expire();
     const fault = this.#faults.find((f) => f.kind === kind && f.times > 0 && f.match(keys));
     if (fault !== undefined) fault.times--;
