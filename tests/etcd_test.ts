@@ -10,6 +10,7 @@ import {
   prefixEnd,
   unb64,
 } from "../lib/etcd/client.ts";
+import { encodeInfo, parseInfo } from "../lib/etcd/keys.ts";
 import { hasEtcd, sharedEtcd, startEtcd } from "./etcd_util.ts";
 import {
   exchange,
@@ -66,6 +67,27 @@ Deno.test("etcd client: numbers are parsed safely, lease ids stay strings, keys 
   assert.notEqual(String(Number("7587873478298458378")), "7587873478298458378");
   assert.equal(prefixEnd("/tcpnetlock/db/"), "/tcpnetlock/db0");
   assert.equal(unb64(b64("/tcpnetlock/ünï")), "/tcpnetlock/ünï");
+});
+
+Deno.test("etcd keys: a value leaves out what reads back as its default, and reads back whole", () => {
+  const since = "2026-12-02T12:00:00.000Z";
+  const plain = { owner: "s1-7", slot: 0, limit: 1, client_id: "", remote: "127.0.0.1:5", since };
+  const text = encodeInfo(plain);
+  // etcd's gateway parses, stores and sends to every watch each byte of every value.
+  assert.equal(text, `{"owner":"s1-7","remote":"127.0.0.1:5","since":"${since}"}`);
+  assert.deepEqual(parseInfo(text), { ...plain, granted: undefined });
+  const full = {
+    owner: 's1-"8"',
+    slot: 3,
+    limit: 2,
+    mode: "shared" as const,
+    client_id: "job ü",
+    remote: "[::1]:9",
+    since,
+    granted: true,
+  };
+  assert.deepEqual(parseInfo(encodeInfo(full)), full);
+  assert.deepEqual(JSON.parse(encodeInfo(full)), full, "plain JSON, as older servers read it");
 });
 
 Deno.test({

@@ -304,21 +304,26 @@ export interface EtcdApi {
   close(): void;
 }
 
+/**
+ * A transaction as the gateway takes it. Empty lists and `result: EQUAL` (the default) are left
+ * out: the gateway parses every field it is sent, and that parsing is much of etcd's work.
+ */
 function encodeTxn(txn: Txn): Json {
-  return {
-    compare: txn.compare.map((c) => {
+  const out: Json = {};
+  if (txn.compare.length > 0) {
+    out.compare = txn.compare.map((c) => {
       const cmp: Json = {
         key: b64(c.key),
         target: "CREATE",
         create_revision: String(c.createRevision),
-        result: "EQUAL",
       };
       if (c.prefix) cmp.range_end = b64(prefixEnd(c.key));
       return cmp;
-    }),
-    success: txn.success.map(encodeOp),
-    failure: (txn.failure ?? []).map(encodeOp),
-  };
+    });
+  }
+  if (txn.success.length > 0) out.success = txn.success.map(encodeOp);
+  if (txn.failure !== undefined && txn.failure.length > 0) out.failure = txn.failure.map(encodeOp);
+  return out;
 }
 
 function encodeOp(op: TxnOp): Json {

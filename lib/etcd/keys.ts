@@ -37,9 +37,20 @@ export interface KeyInfo {
 /** The segment that marks heartbeat keys. */
 export const HEARTBEAT_SEGMENT = "!hb";
 
-/** Encodes a key's value. */
+/**
+ * Encodes a key's value. Fields at the value {@linkcode parseInfo} reads when they are absent
+ * (`slot` 0, `limit` 1, `client_id` "") are left out: every byte is parsed by etcd's gateway,
+ * stored, and sent to every server's watch.
+ */
 export function encodeInfo(info: KeyInfo): string {
-  return JSON.stringify(info);
+  let text = `{"owner":${JSON.stringify(info.owner)}`;
+  if (info.slot !== 0) text += `,"slot":${info.slot}`;
+  if (info.limit !== 1) text += `,"limit":${info.limit}`;
+  if (info.mode !== undefined) text += `,"mode":${JSON.stringify(info.mode)}`;
+  if (info.client_id !== "") text += `,"client_id":${JSON.stringify(info.client_id)}`;
+  text += `,"remote":${JSON.stringify(info.remote)},"since":${JSON.stringify(info.since)}`;
+  if (info.granted === true) text += `,"granted":true`;
+  return text + "}";
 }
 
 /** Decodes a key's value; a value that is not ours reads as a limit-1 holder with no details. */
