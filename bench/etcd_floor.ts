@@ -1,8 +1,9 @@
 #!/usr/bin/env -S deno run -A
 /**
  * The etcd floor: what a lock+release cycle costs etcd itself, with no lock server in between.
- * Each of N concurrent workers, from this Deno process, over etcd's JSON gateway (the same way
- * the etcd store talks to etcd), runs cycles of
+ * Each of N concurrent workers, from this Deno process, over etcd's JSON gateway with the etcd
+ * store's own HTTP/1.1 client (lib/etcd/http1.ts, the same way the store talks to etcd), runs
+ * cycles of
  *
  * 1. one transaction that creates its key (compare: absent) attached to a lease, and
  * 2. one delete of the key,
@@ -18,6 +19,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { Http1Client } from "../lib/etcd/http1.ts";
 
 const { values } = parseArgs({
   args: Deno.args,
@@ -33,22 +35,20 @@ const endpoint = values.endpoint.replace(/\/+$/, "");
 const clients = Number(values.clients);
 const durationMs = Number(values["duration-s"]) * 1000;
 const warmupMs = Number(values["warmup-s"]) * 1000;
-const http = Deno.createHttpClient({});
+// The store's own HTTP/1.1 client (kept-alive connections, no fetch): the floor must not pay
+// for a slower client than the store's.
+const http = new Http1Client();
 
 function b64(text: string): string {
   return btoa(text);
 }
 
 async function post(path: string, body: unknown): Promise<Record<string, unknown>> {
-  const res = await fetch(endpoint + path, {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-    client: http,
-    signal: AbortSignal.timeout(5000),
-  });
-  const json = await res.json();
-  if (!res.ok || json.error !== undefined) throw new Error(`${path}: ${JSON.stringify(json)}`);
+  const res = await http.post(endpoint, path, {}, JSON.stringify(body), 5000);
+  const json = JSON.parse(res.body);
+  if (res.status !== 200 || json.error !== undefined) {
+    throw new Error(`${path}: ${JSON.stringify(json)}`);
+  }
   return json;
 }
 

@@ -11,9 +11,10 @@ import {
   unb64,
 } from "../lib/etcd/client.ts";
 import { encodeInfo, parseInfo } from "../lib/etcd/keys.ts";
-import { hasEtcd, sharedEtcd, startEtcd } from "./etcd_util.ts";
+import { etcdBinary, freePort, hasEtcd, sharedEtcd, startEtcd } from "./etcd_util.ts";
 import {
   exchange,
+  makeTlsFixture,
   RawClient,
   ROOT,
   startServerProcess,
@@ -412,6 +413,91 @@ Deno.test({
       assert.equal(out.code, 2);
       assert.match(new TextDecoder().decode(out.stderr), /Cannot authenticate to etcd as "root"/);
     } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+});
+
+Deno.test({
+  name: "etcd over mutual TLS: the server speaks TLS with --etcd-ca-cert, --etcd-cert and " +
+    "--etcd-key; without its client certificate etcd turns it away",
+  ignore: !ETCD,
+  async fn() {
+    const dir = await Deno.makeTempDir();
+    const tls = await makeTlsFixture(dir, { clientAuth: true });
+    const port = freePort();
+    const peer = freePort();
+    const endpoint = `https://127.0.0.1:${port}`;
+    const etcd = new Deno.Command(etcdBinary(), {
+      args: [
+        "--name=tls",
+        `--data-dir=${dir}/data`,
+        `--listen-client-urls=${endpoint}`,
+        `--advertise-client-urls=${endpoint}`,
+        `--listen-peer-urls=http://127.0.0.1:${peer}`,
+        `--initial-advertise-peer-urls=http://127.0.0.1:${peer}`,
+        `--initial-cluster=tls=http://127.0.0.1:${peer}`,
+        `--cert-file=${tls.certFile}`,
+        `--key-file=${tls.keyFile}`,
+        `--trusted-ca-file=${dir}/ca.pem`,
+        "--client-cert-auth",
+      ],
+      stdout: "null",
+      stderr: "null",
+    }).spawn();
+    const client = new EtcdClient({
+      endpoints: [endpoint],
+      caCert: tls.caCert,
+      cert: await Deno.readTextFile(tls.clientCertFile!),
+      key: await Deno.readTextFile(tls.clientKeyFile!),
+      timeoutMs: 1000,
+    });
+    try {
+      // Readiness of a process we started: polling is the only way to see it.
+      for (let i = 0;; i++) {
+        try {
+          await client.status(endpoint);
+          break;
+        } catch (err) {
+          if (i > 150) throw err;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+      }
+      const flags = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoint,
+        "--etcd-prefix",
+        "/tls",
+        "--etcd-ca-cert",
+        `${dir}/ca.pem`,
+      ];
+      const mine = ["--etcd-cert", tls.clientCertFile!, "--etcd-key", tls.clientKeyFile!];
+      {
+        await using srv = await startServerProcess([...flags, ...mine]);
+        await using holder = await RawClient.connect(srv.port);
+        assert.equal(await holder.request("lock,name:over-tls"), "ok");
+        const held = await client.range("/tls/over-tls/", { prefix: true });
+        assert.equal(held.count, 1, "the lock's key is in etcd");
+        assert.deepEqual(await exchange(srv.port, "lock,name:over-tls\n"), ["not-granted"]);
+        assert.equal(await holder.request("release"), "released");
+        assert.equal((await client.range("/tls/over-tls/", { prefix: true })).count, 0);
+      }
+      const out = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", `${ROOT}server.ts`, "--port", "0", ...flags, "--etcd-timeout", "1"],
+        stdout: "null",
+        stderr: "piped",
+      }).output();
+      assert.notEqual(out.code, 0);
+      assert.match(
+        new TextDecoder().decode(out.stderr),
+        /Cannot use etcd at https:\/\/127\.0\.0\.1/,
+      );
+    } finally {
+      client.close();
+      etcd.kill("SIGKILL");
+      await etcd.status;
       await Deno.remove(dir, { recursive: true });
     }
   },

@@ -444,10 +444,20 @@ export interface TlsFixture {
   /** The server certificate and key as PEM text. */
   cert: string;
   key: string;
+  /** With `clientAuth`: paths of a client certificate (CN `tcpnetlock`) and its key. */
+  clientCertFile?: string;
+  clientKeyFile?: string;
 }
 
-/** Generates a {@linkcode TlsFixture} in `dir` with openssl (installed by .ci/run). */
-export async function makeTlsFixture(dir: string): Promise<TlsFixture> {
+/**
+ * Generates a {@linkcode TlsFixture} in `dir` with openssl (installed by .ci/run). With
+ * `clientAuth`, the server certificate may also act as a client (etcd's gateway dials its own
+ * gRPC port with it) and a client certificate is made too.
+ */
+export async function makeTlsFixture(
+  dir: string,
+  options: { clientAuth?: boolean } = {},
+): Promise<TlsFixture> {
   const run = async (args: string[]) => {
     const out = await new Deno.Command("openssl", { args, stdout: "null", stderr: "piped" })
       .output();
@@ -487,7 +497,7 @@ export async function makeTlsFixture(dir: string): Promise<TlsFixture> {
   await Deno.writeTextFile(
     `${dir}/ext.cnf`,
     "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\n" +
-      "extendedKeyUsage=serverAuth\n",
+      `extendedKeyUsage=serverAuth${options.clientAuth ? ",clientAuth" : ""}\n`,
   );
   await run([
     "x509",
@@ -506,7 +516,44 @@ export async function makeTlsFixture(dir: string): Promise<TlsFixture> {
     "-out",
     `${dir}/server.pem`,
   ]);
+  let client: Pick<TlsFixture, "clientCertFile" | "clientKeyFile"> = {};
+  if (options.clientAuth) {
+    await run([
+      "req",
+      "-new",
+      ...ec,
+      "-subj",
+      "/CN=tcpnetlock",
+      "-keyout",
+      `${dir}/client.key`,
+      "-out",
+      `${dir}/client.csr`,
+    ]);
+    await Deno.writeTextFile(
+      `${dir}/client.cnf`,
+      "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    );
+    await run([
+      "x509",
+      "-req",
+      "-in",
+      `${dir}/client.csr`,
+      "-CA",
+      `${dir}/ca.pem`,
+      "-CAkey",
+      `${dir}/ca.key`,
+      "-CAcreateserial",
+      "-days",
+      "2",
+      "-extfile",
+      `${dir}/client.cnf`,
+      "-out",
+      `${dir}/client.pem`,
+    ]);
+    client = { clientCertFile: `${dir}/client.pem`, clientKeyFile: `${dir}/client.key` };
+  }
   return {
+    ...client,
     caCert: await Deno.readTextFile(`${dir}/ca.pem`),
     certFile: `${dir}/server.pem`,
     keyFile: `${dir}/server.key`,

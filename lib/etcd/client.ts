@@ -1,18 +1,20 @@
 /**
- * A small etcd v3 client over the JSON gateway (`POST /v3/...` on a member's client URL) with
- * `fetch()`: just what the etcd lock store needs. No gRPC, no third-party code.
+ * A small etcd v3 client over the JSON gateway (`POST /v3/...` on a member's client URL) with its
+ * own HTTP/1.1 client (`http1.ts`: kept-alive connections, one write and one read per call, where
+ * `fetch()` cost the server as much CPU per lock as the lock's own connection): just what the etcd
+ * lock store needs. No gRPC, no third-party code.
  *
  * - Keys and values travel base64-encoded; this client takes and returns strings (UTF-8).
  * - etcd's int64 fields arrive as JSON strings. Revisions are parsed with
  *   {@linkcode parseRevision} (BigInt first, then checked to fit a JavaScript number); lease ids
  *   exceed 2^53 and are kept as the decimal strings etcd sends.
- * - Every call has a deadline (`AbortSignal.timeout`); on a network error, a timeout or an error
- *   that another member may not have (unavailable, no leader, leader changed) the call moves on
- *   to the next endpoint, and the endpoint that answered is used first from then on.
+ * - Every call has a deadline (it closes the call's connection); on a network error, a timeout or
+ *   an error that another member may not have (unavailable, no leader, leader changed) the call
+ *   moves on to the next endpoint, and the endpoint that answered is used first from then on.
  * - With a username and password it gets a token from `/v3/auth/authenticate` and sends it in
  *   the `Authorization` header, fetching a new one when etcd says the token is invalid.
- * - With a CA certificate (and optionally a client certificate and key) it speaks TLS through its
- *   own `Deno.HttpClient`.
+ * - With a CA certificate (and optionally a client certificate and key) it speaks TLS
+ *   (`Deno.connectTls`).
  *
  * The lock store depends only on the {@linkcode EtcdApi} interface (typed transactions with
  * decoded strings), so its tests can give it a fake etcd.
@@ -20,13 +22,9 @@
  * @module
  */
 
-import { SlotList } from "../slot_list.ts";
+import { Http1Client, Http1Error, type Http1Response } from "./http1.ts";
 
-/** A call to etcd in flight: its abort (its deadline, or the client's close). */
-interface Call {
-  slot: number;
-  readonly abort: AbortController;
-}
+const NO_HEADERS: Record<string, string> = Object.freeze({}) as Record<string, string>;
 
 /** Options of an {@linkcode EtcdClient}. */
 export interface EtcdClientOptions {
@@ -373,10 +371,8 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   readonly endpoints: string[];
   readonly timeoutMs: number;
   #current = 0;
-  #http: Deno.HttpClient;
+  readonly #http: Http1Client;
   #closed = new AbortController();
-  /** Calls in flight (aborted on close). */
-  readonly #calls = new SlotList<"slot", Call>("slot");
   #username: string | undefined;
   #password: string | undefined;
   #token: string | undefined;
@@ -393,11 +389,11 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
     this.timeoutMs = options.timeoutMs ?? 2000;
     this.#username = options.username;
     this.#password = options.password;
-    const http: Deno.CreateHttpClientOptions = {};
-    if (options.caCert !== undefined) http.caCerts = [options.caCert];
-    this.#http = options.cert !== undefined && options.key !== undefined
-      ? Deno.createHttpClient({ ...http, cert: options.cert, key: options.key })
-      : Deno.createHttpClient(http);
+    this.#http = new Http1Client({
+      caCerts: options.caCert === undefined ? undefined : [options.caCert],
+      cert: options.cert,
+      key: options.key,
+    });
   }
 
   /** The endpoint calls go to first (the last one that answered). */
@@ -463,41 +459,17 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   }
 
   async #post(endpoint: string, path: string, body: Json, timeoutMs: number): Promise<Json> {
-    const headers: Record<string, string> = { "content-type": "application/json" };
-    if (this.#token !== undefined) headers.authorization = this.#token;
-    // The deadline: a timer cleared when the answer is in. (`AbortSignal.timeout` kept every
-    // call's signal and timer alive for the whole deadline, then fired it anyway: a DOMException
-    // and an abort event per call, long after the answer.)
-    const call: Call = { slot: -1, abort: new AbortController() };
-    const timer = setTimeout(
-      () => call.abort.abort(new DOMException("Signal timed out.", "TimeoutError")),
-      timeoutMs,
-    );
-    if (this.#closed.signal.aborted) call.abort.abort(this.#closed.signal.reason);
-    else this.#calls.add(call);
-    let res: Response;
-    let text: string;
-    try {
-      try {
-        res = await fetch(endpoint + path, {
-          method: "POST",
-          headers,
-          body: JSON.stringify(body),
-          client: this.#http,
-          signal: call.abort.signal,
-        });
-      } catch (err) {
-        throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
-      }
-      try {
-        text = await res.text();
-      } catch (err) {
-        throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
-      }
-    } finally {
-      clearTimeout(timer);
-      this.#calls.delete(call);
+    if (this.#closed.signal.aborted) {
+      throw new EtcdUnavailableError(`${endpoint}: the etcd client is closed`);
     }
+    const headers = this.#token === undefined ? NO_HEADERS : { authorization: this.#token };
+    let res: Http1Response;
+    try {
+      res = await this.#http.post(endpoint, path, headers, JSON.stringify(body), timeoutMs);
+    } catch (err) {
+      throw new EtcdUnavailableError(`${endpoint}: ${errorText(err)}`, { cause: err });
+    }
+    const text = res.body;
     let json: Json;
     try {
       json = JSON.parse(text);
@@ -505,7 +477,7 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
       if (res.status >= 500) throw new EtcdUnavailableError(`${endpoint}: HTTP ${res.status}`);
       throw new EtcdError(`${endpoint}${path}: HTTP ${res.status}: ${text.slice(0, 200)}`);
     }
-    if (!res.ok || json.error !== undefined) {
+    if (res.status < 200 || res.status > 299 || json.error !== undefined) {
       const message = String(json.message ?? json.error ?? `HTTP ${res.status}`);
       const code = typeof json.code === "number" ? json.code : undefined;
       throw new EtcdError(`${endpoint}${path}: ${message}`, code);
@@ -646,8 +618,7 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   ): Promise<void> {
     if (this.#username !== undefined && this.#token === undefined) await this.#authenticate();
     const endpoint = this.endpoint;
-    const headers: Record<string, string> = { "content-type": "application/json" };
-    if (this.#token !== undefined) headers.authorization = this.#token;
+    const headers = this.#token === undefined ? NO_HEADERS : { authorization: this.#token };
     const body = {
       create_request: {
         key: b64(prefix),
@@ -655,80 +626,60 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
         start_revision: String(startRevision),
       },
     };
-    const opened = new AbortController();
-    const timer = setTimeout(() => opened.abort(), this.timeoutMs);
-    const abort = AbortSignal.any([signal, this.#closed.signal, opened.signal]);
-    let res: Response;
-    try {
-      res = await fetch(endpoint + "/v3/watch", {
-        method: "POST",
-        headers,
-        body: JSON.stringify(body),
-        client: this.#http,
-        signal: abort,
-      });
-    } catch (err) {
-      throw new EtcdUnavailableError(`${endpoint}/v3/watch: ${errorText(err)}`, { cause: err });
-    } finally {
-      clearTimeout(timer);
-    }
-    if (!res.ok || res.body === null) {
-      const text = await res.text().catch(() => "");
-      if (res.status === 401) this.#token = undefined;
-      throw new EtcdError(`${endpoint}/v3/watch: HTTP ${res.status}: ${text.slice(0, 200)}`);
-    }
-    const reader = res.body.getReader();
-    // Aborting the fetch does not always end a read that is parked on the body: cancel it too.
-    const stopReading = () => {
-      reader.cancel().catch(() => {});
-    };
-    signal.addEventListener("abort", stopReading);
-    this.#closed.signal.addEventListener("abort", stopReading);
     let buffered = "";
-    const streamDecoder = new TextDecoder();
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) return;
-        buffered += streamDecoder.decode(value, { stream: true });
-        let nl: number;
-        while ((nl = buffered.indexOf("\n")) >= 0) {
-          const text = buffered.slice(0, nl).trim();
-          buffered = buffered.slice(nl + 1);
-          if (text === "") continue;
-          const json = JSON.parse(text) as Json;
-          if (json.error !== undefined) {
-            const e = json.error as Json;
-            const code = typeof e.grpc_code === "number"
-              ? e.grpc_code
-              : typeof e.code === "number"
-              ? e.code
-              : undefined;
-            if (code === UNAUTHENTICATED) this.#token = undefined;
-            throw new EtcdError(`${endpoint}/v3/watch: ${e.message ?? JSON.stringify(e)}`, code);
-          }
-          const r = (json.result ?? {}) as Json;
-          const response: WatchResponse = {
-            revision: headerRevision(r),
-            created: r.created === true,
-            canceled: r.canceled === true,
-            compactRevision: parseRevision(r.compact_revision),
-            events: ((r.events as Json[] | undefined) ?? []).map((ev) => ({
-              type: ev.type === "DELETE" ? "DELETE" : "PUT",
-              kv: decodeKv((ev.kv ?? {}) as Json),
-            })),
-          };
-          if (onResponse(response) === false) return;
+    const onData = (piece: string): boolean => {
+      buffered += piece;
+      let nl: number;
+      while ((nl = buffered.indexOf("\n")) >= 0) {
+        const text = buffered.slice(0, nl).trim();
+        buffered = buffered.slice(nl + 1);
+        if (text === "") continue;
+        const json = JSON.parse(text) as Json;
+        if (json.error !== undefined) {
+          const e = json.error as Json;
+          const code = typeof e.grpc_code === "number"
+            ? e.grpc_code
+            : typeof e.code === "number"
+            ? e.code
+            : undefined;
+          if (code === UNAUTHENTICATED) this.#token = undefined;
+          throw new EtcdError(`${endpoint}/v3/watch: ${e.message ?? JSON.stringify(e)}`, code);
         }
+        const r = (json.result ?? {}) as Json;
+        const response: WatchResponse = {
+          revision: headerRevision(r),
+          created: r.created === true,
+          canceled: r.canceled === true,
+          compactRevision: parseRevision(r.compact_revision),
+          events: ((r.events as Json[] | undefined) ?? []).map((ev) => ({
+            type: ev.type === "DELETE" ? "DELETE" : "PUT",
+            kv: decodeKv((ev.kv ?? {}) as Json),
+          })),
+        };
+        if (onResponse(response) === false) return false;
       }
+      return true;
+    };
+    let res: Http1Response | undefined;
+    try {
+      // The answer must begin within the deadline; then it streams for as long as it lasts.
+      res = await this.#http.stream(
+        endpoint,
+        "/v3/watch",
+        headers,
+        JSON.stringify(body),
+        this.timeoutMs,
+        signal,
+        onData,
+      );
     } catch (err) {
       if (signal.aborted || this.#closed.signal.aborted) return;
-      if (err instanceof EtcdError) throw err;
+      if (err instanceof EtcdError || !(err instanceof Http1Error)) throw err;
       throw new EtcdUnavailableError(`${endpoint}/v3/watch: ${errorText(err)}`, { cause: err });
-    } finally {
-      signal.removeEventListener("abort", stopReading);
-      this.#closed.signal.removeEventListener("abort", stopReading);
-      await reader.cancel().catch(() => {});
+    }
+    if (res !== undefined) {
+      if (res.status === 401) this.#token = undefined;
+      throw new EtcdError(`${endpoint}/v3/watch: HTTP ${res.status}: ${res.body.slice(0, 200)}`);
     }
   }
 
@@ -741,7 +692,6 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
   close(): void {
     if (this.#closed.signal.aborted) return;
     this.#closed.abort();
-    for (const call of this.#calls.drain()) call.abort.abort(this.#closed.signal.reason);
     this.#http.close();
   }
 
@@ -752,7 +702,7 @@ export class EtcdClient implements EtcdApi, AsyncDisposable {
 }
 
 function errorText(err: unknown): string {
-  if (err instanceof DOMException && err.name === "TimeoutError") return "timed out";
+  if (err instanceof Http1Error && err.timedOut) return "timed out";
   if (err instanceof Error) return err.message.split("\n")[0];
   return String(err);
 }
