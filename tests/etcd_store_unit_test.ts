@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { EtcdStore } from "../lib/etcd/store.ts";
 import type { Txn, TxnOp } from "../lib/etcd/client.ts";
-import { tokenOf } from "../lib/etcd/writer.ts";
+import { LANES, tokenOf } from "../lib/etcd/writer.ts";
 import type { ClaimRequest, ClaimView } from "../lib/store/types.ts";
 import { FakeClock, flush } from "./_util/fake_clock.ts";
 import { Recorder } from "./_util/recorder.ts";
@@ -356,7 +356,7 @@ Deno.test("etcd store (fake): writes that are ready together go in one transacti
   await flush();
   await flush();
   const txns = w.etcd.calls.filter((c) => c.kind === "txn").length - before;
-  assert.ok(txns <= 4 + 1, `42 requests in ${txns} transactions (one per lane, and one more)`);
+  assert.ok(txns <= LANES + 1, `42 requests in ${txns} transactions (one per lane, and one more)`);
   const tokens = hs.map((h) => h.token);
   assert.equal(new Set(tokens).size, tokens.length, "every token is unique");
   assert.equal(same[0].last?.startsWith("granted:"), true);

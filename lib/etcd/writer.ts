@@ -27,7 +27,7 @@ export const TOKEN_SLOTS = 128;
 export const MAX_BATCH = 64;
 
 /** Batches in flight at once, each for its own share of the names. */
-export const LANES = 4;
+export const LANES = 2;
 
 /** What a write's reader returns when the write must be sent again. */
 const AGAIN = Symbol("again");
