@@ -566,6 +566,10 @@ interface EtcdSetup {
   floor: number | null;
   etcdP99: number | null;
   errors: number;
+  /** CPU in % of one core: our run's load generator and server, and the floor's own client. */
+  generatorCpu: number | null;
+  serverCpu: number | null;
+  floorCpu: number | null;
 }
 
 interface EtcdResult {
@@ -1308,6 +1312,9 @@ async function scenarioEtcd(ctx: Context): Promise<EtcdResult> {
       floor: null,
       etcdP99: null,
       errors: 0,
+      generatorCpu: null,
+      serverCpu: null,
+      floorCpu: null,
     };
     const out = await new Deno.Command(Deno.execPath(), {
       args: [
@@ -1334,7 +1341,14 @@ async function scenarioEtcd(ctx: Context): Promise<EtcdResult> {
       continue;
     }
     const report = JSON.parse(decoder.decode(out.stdout)) as {
-      rows: { setup: string; rate: number; p99: number; errors: number }[];
+      rows: {
+        setup: string;
+        rate: number;
+        p99: number;
+        errors: number;
+        generatorCpuPercent: number | null;
+        serverCpuPercent: number | null;
+      }[];
     };
     const memory = report.rows.find((r) => r.setup === "memory");
     const etcd = report.rows.find((r) => r.setup.startsWith("etcd ("));
@@ -1347,10 +1361,15 @@ async function scenarioEtcd(ctx: Context): Promise<EtcdResult> {
       floor: floor?.rate ?? null,
       etcdP99: etcd?.p99 ?? null,
       errors: report.rows.reduce((n, r) => n + r.errors, 0),
+      generatorCpu: etcd?.generatorCpuPercent ?? null,
+      serverCpu: etcd?.serverCpuPercent ?? null,
+      floorCpu: floor?.generatorCpuPercent ?? null,
     };
     progress(
       `etcd ${members} member(s), ${clients} clients: ${setup.etcd} cycles/s against the etcd ` +
-        `floor's ${setup.floor} and ${setup.memory} in memory, ${setup.errors} errors`,
+        `floor's ${setup.floor} and ${setup.memory} in memory, ${setup.errors} errors ` +
+        `(generator CPU ${setup.generatorCpu ?? "?"} %, server ${setup.serverCpu ?? "?"} %, ` +
+        `the floor's client ${setup.floorCpu ?? "?"} %)`,
     );
     setups.push(setup);
   }
@@ -1744,6 +1763,15 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
         metric: `cycle p99, ${label}, --store etcd`,
         unit: "ms",
         get: (r) => ({ ours: etcdSetup(r, members, clients)?.etcdP99 }),
+      },
+      {
+        scenario: "etcd",
+        metric: `generator CPU (% of a core), ${label} (floor: its own client)`,
+        unit: "%",
+        get: (r) => ({
+          ours: etcdSetup(r, members, clients)?.generatorCpu,
+          floor: etcdSetup(r, members, clients)?.floorCpu,
+        }),
       },
     );
   }

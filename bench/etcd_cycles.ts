@@ -1,8 +1,9 @@
 #!/usr/bin/env -S deno run -A
 /**
  * Lock+release cycles per second against `--store etcd`, compared with the etcd floor and the
- * memory store: the benchmark's `cycles` scenario (bench/load.ts `runCycles`: one connection per
- * cycle, each client on its own name, version 1 `lock` then `release`) at 16 clients by default,
+ * memory store: the benchmark's `cycles` scenario (one connection per cycle, each client on its own
+ * name, version 1 `lock` then `release`; from the C generator, bench/cgen.ts, when a C compiler is
+ * there, else bench/load.ts `runCycles`) at 16 clients by default,
  * our server as a subprocess each time, etcd a real member (or three) on loopback with its data
  * on /dev/shm. The etcd floor (bench/etcd_floor.ts: one transaction that creates a key with a
  * lease, one delete, from Deno over the JSON gateway, as many workers as clients) runs against
@@ -21,6 +22,7 @@
 
 import { parseArgs } from "node:util";
 import { type CyclesResult, runCycles } from "./load.ts";
+import { buildCGen, type CGenResult, runCyclesC } from "./cgen.ts";
 import { startEtcd } from "../tests/etcd_util.ts";
 import { type ServerProcess, startServerProcess } from "../tests/test_util.ts";
 
@@ -51,21 +53,38 @@ interface Row {
   p50: number;
   p99: number;
   errors: number;
+  /**
+   * The load generator's CPU in % of one core (for the floor: its own client's), and the
+   * server's (null for the floor, or without the C generator).
+   */
+  generatorCpuPercent: number | null;
+  serverCpuPercent: number | null;
 }
+
+/** The lean C generator when it can be built: it leaves the CPU to etcd and the server. */
+const useC = (await buildCGen()) !== null;
 
 /** Runs the cycles against each server at once, `clients` split between them; sums the rates. */
 async function measure(setup: string, servers: ServerProcess[]): Promise<Row> {
   const share = Math.ceil(clients / servers.length);
-  const results: CyclesResult[] = await Promise.all(
-    servers.map((s, i) =>
-      runCycles({ hostname: "127.0.0.1", port: s.port }, {
+  const results: (CyclesResult | CGenResult)[] = await Promise.all(
+    servers.map((s, i) => {
+      const options = {
         clients: Math.min(share, clients - i * share),
         durationMs,
         warmupMs,
         prefix: `${setup.replace(/[^a-zA-Z0-9]+/g, "_")}-s${i}`,
-      })
-    ),
+      };
+      const target = { hostname: "127.0.0.1", port: s.port };
+      return useC
+        ? runCyclesC(target, { ...options, serverPid: s.child.pid })
+        : runCycles(target, options);
+    }),
   );
+  const cpu = (key: "generatorCpuPercent" | "serverCpuPercent") =>
+    results.every((r) => key in r && typeof (r as CGenResult)[key] === "number")
+      ? Math.round(results.reduce((n, r) => n + ((r as CGenResult)[key] ?? 0), 0))
+      : null;
   const row: Row = {
     setup,
     servers: servers.length,
@@ -74,12 +93,15 @@ async function measure(setup: string, servers: ServerProcess[]): Promise<Row> {
     p50: Math.max(...results.map((r) => r.latency.p50)),
     p99: Math.max(...results.map((r) => r.latency.p99)),
     errors: results.reduce((n, r) => n + r.errors.total, 0),
+    generatorCpuPercent: cpu("generatorCpuPercent"),
+    serverCpuPercent: cpu("serverCpuPercent"),
   };
   if (!values.json) {
     console.log(
       `${setup.padEnd(22)} servers ${row.servers}  clients ${row.clients}  ` +
         `${String(row.rate).padStart(6)} cycles/s  p50 ${row.p50} ms  p99 ${row.p99} ms  ` +
-        `errors ${row.errors}`,
+        `errors ${row.errors}  generator CPU ${row.generatorCpuPercent ?? "?"} %  ` +
+        `server CPU ${row.serverCpuPercent ?? "?"} %`,
     );
   }
   return row;
@@ -134,6 +156,8 @@ if (serverCount > 1) {
     p50: floor.p50,
     p99: floor.p99,
     errors: floor.errors,
+    generatorCpuPercent: Math.round(floor.cpu * 100),
+    serverCpuPercent: null,
   };
   if (!values.json) {
     console.log(
