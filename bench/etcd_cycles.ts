@@ -23,6 +23,7 @@
 import { parseArgs } from "node:util";
 import { type CyclesResult, runCycles } from "./load.ts";
 import { buildCGen, type CGenResult, runCyclesC } from "./cgen.ts";
+import { SERVER_V8_FLAGS } from "./bench.ts";
 import { startEtcd } from "../tests/etcd_util.ts";
 import { type ServerProcess, startServerProcess } from "../tests/test_util.ts";
 
@@ -44,6 +45,8 @@ const members = Number(values.members);
 const serverCount = Number(values.servers);
 
 const LIMITS = ["--max-connections", "100000", "--max-locks", "100000"];
+/** The server as the benchmark runs it everywhere: its default logging, the same V8 flags. */
+const AS_BENCHED = { quiet: true, denoFlags: SERVER_V8_FLAGS };
 
 interface Row {
   setup: string;
@@ -109,20 +112,25 @@ async function measure(setup: string, servers: ServerProcess[]): Promise<Row> {
 
 const rows: Row[] = [];
 {
-  await using memory = await startServerProcess(LIMITS);
+  await using memory = await startServerProcess(LIMITS, AS_BENCHED);
   rows.push(await measure("memory", [memory]));
 }
 await using etcd = await startEtcd({ members });
 const etcdFlags = ["--store", "etcd", "--etcd-endpoints", etcd.endpoints.join(",")];
 {
-  await using one = await startServerProcess([...LIMITS, ...etcdFlags, "--etcd-prefix", "/b1"]);
+  await using one = await startServerProcess(
+    [...LIMITS, ...etcdFlags, "--etcd-prefix", "/b1"],
+    AS_BENCHED,
+  );
   rows.push(await measure(`etcd (${members} member${members > 1 ? "s" : ""})`, [one]));
 }
 if (serverCount > 1) {
   const servers: ServerProcess[] = [];
   try {
     for (let i = 0; i < serverCount; i++) {
-      servers.push(await startServerProcess([...LIMITS, ...etcdFlags, "--etcd-prefix", "/b2"]));
+      servers.push(
+        await startServerProcess([...LIMITS, ...etcdFlags, "--etcd-prefix", "/b2"], AS_BENCHED),
+      );
     }
     rows.push(await measure(`etcd, shared`, servers));
   } finally {
