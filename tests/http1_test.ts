@@ -368,3 +368,18 @@ Deno.test("http1: a TLS peer that never answers the handshake times out at the d
     http.close();
   }
 });
+
+Deno.test("http1: a connection idle for longer than the idle limit is closed, not reused", async () => {
+  await using srv = new Scripted((req) => [withLength(`{"conn":${req.conn}}`)]);
+  const http = new Http1Client({}, 60);
+  try {
+    assert.equal((await http.post(srv.origin, "/", {}, "{}", 2000)).body, '{"conn":0}');
+    assert.equal((await http.post(srv.origin, "/", {}, "{}", 2000)).body, '{"conn":0}');
+    // Time passing is what is tested here.
+    await new Promise((r) => setTimeout(r, 120));
+    assert.equal((await http.post(srv.origin, "/", {}, "{}", 2000)).body, '{"conn":1}');
+    assert.equal(http.openConnections, 1, "the stale one was closed");
+  } finally {
+    http.close();
+  }
+});

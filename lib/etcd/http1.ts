@@ -9,7 +9,9 @@
  * connection. Here a call is one write and (nearly always) one read on a kept-alive connection.
  *
  * - Connections are kept per origin while idle and reused, most recent first; a response marked
- *   `connection: close` (or ended by the close) is not reused.
+ *   `connection: close` (or ended by the close) is not reused, nor is a connection idle for longer
+ *   than {@linkcode IDLE_MS} (a firewall or proxy on the way may have forgotten it without a word,
+ *   and a request on it would only fail at its deadline).
  * - The deadline closes the connection (an HTTP/1.1 request cannot be withdrawn otherwise); so does
  *   closing the client.
  * - A kept connection that turns out closed before a byte of the answer came is replaced once by a
@@ -26,6 +28,9 @@
  *
  * @module
  */
+
+/** A connection idle longer than this (ms) is closed, not reused: a middlebox may have dropped it. */
+export const IDLE_MS = 30_000;
 
 /** TLS settings for `https://` origins. */
 export interface Http1TlsOptions {
@@ -77,6 +82,8 @@ class Link {
   closed = false;
   /** Bytes read on this connection so far. */
   received = 0;
+  /** When it was last put back idle (`performance.now()`). */
+  idleSince = 0;
 
   constructor(conn: Deno.Conn) {
     this.conn = conn;
@@ -239,14 +246,17 @@ async function crlf(link: Link): Promise<void> {
  */
 export class Http1Client {
   readonly #tls: Http1TlsOptions;
+  readonly #idleMs: number;
   readonly #origins = new Map<string, Origin>();
   readonly #idle = new Map<string, Link[]>();
   /** Every connection open now (closed on close()). */
   readonly #open = new Set<Link>();
   #closed = false;
 
-  constructor(tls: Http1TlsOptions = {}) {
+  /** @param idleMs how long an idle connection may be reused (default {@linkcode IDLE_MS}) */
+  constructor(tls: Http1TlsOptions = {}, idleMs = IDLE_MS) {
     this.#tls = tls;
+    this.#idleMs = idleMs;
   }
 
   /** How many connections are open (idle or in use). */
@@ -448,12 +458,20 @@ export class Http1Client {
 
   #take(origin: string): Link | undefined {
     const idle = this.#idle.get(origin);
-    return idle?.pop();
+    if (idle === undefined || idle.length === 0) return undefined;
+    const link = idle.pop()!;
+    const now = performance.now();
+    if (now - link.idleSince <= this.#idleMs) return link;
+    // The most recent was idle too long: so were all the others.
+    this.#drop(link);
+    for (const old of idle.splice(0)) this.#drop(old);
+    return undefined;
   }
 
   #keep(origin: string, link: Link): void {
     let idle = this.#idle.get(origin);
     if (idle === undefined) this.#idle.set(origin, idle = []);
+    link.idleSince = performance.now();
     idle.push(link);
   }
 
