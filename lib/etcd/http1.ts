@@ -29,7 +29,7 @@
  * @module
  */
 
-/** A connection idle longer than this (ms) is closed, not reused: a middlebox may have dropped it. */
+/** How long (ms) a connection may sit idle and still be reused: a middlebox may drop it. */
 export const IDLE_MS = 30_000;
 
 /** TLS settings for `https://` origins. */
