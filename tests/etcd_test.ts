@@ -68,6 +68,16 @@ Deno.test("etcd client: numbers are parsed safely, lease ids stay strings, keys 
   assert.notEqual(String(Number("7587873478298458378")), "7587873478298458378");
   assert.equal(prefixEnd("/tcpnetlock/db/"), "/tcpnetlock/db0");
   assert.equal(unb64(b64("/tcpnetlock/ünï")), "/tcpnetlock/ünï");
+  // The quick paths (ASCII, short numbers, the same lease again) agree with the long ones.
+  assert.equal(b64("/t/x/s1-~0"), btoa("/t/x/s1-~0"));
+  assert.equal(b64("ü"), "w7w=", "UTF-8 bytes, not Latin-1");
+  assert.equal(unb64("w7w="), "ü");
+  assert.equal(prefixEnd("/a/ü"), "/a/ý", "the last UTF-8 byte + 1");
+  assert.equal(parseRevision("999999999999999"), 999999999999999);
+  assert.equal(parseRevision("0000000000000007"), 7);
+  assert.equal(parseLeaseId("7587873478298458378"), "7587873478298458378");
+  assert.equal(parseLeaseId("7587873478298458378"), "7587873478298458378");
+  for (const bad of ["", null, "-", "12a"]) assert.throws(() => parseLeaseId(bad), /Malformed/);
 });
 
 Deno.test("etcd keys: a value leaves out what reads back as its default, and reads back whole", () => {

@@ -93,8 +93,14 @@ export class EtcdUnavailableError extends Error {
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
+/** Printable ASCII only: UTF-8 bytes equal to the char codes (anything else takes the long way). */
+const ASCII = /^[ -~]*$/;
+/** A Latin-1 string with a char at or above 0x80. */
+const HIGH = /[\x80-\xff]/;
+
 /** Base64 of a string's UTF-8 bytes. */
 export function b64(text: string): string {
+  if (ASCII.test(text)) return btoa(text);
   const bytes = encoder.encode(text);
   let bin = "";
   for (let i = 0; i < bytes.length; i++) bin += String.fromCharCode(bytes[i]);
@@ -105,6 +111,7 @@ export function b64(text: string): string {
 export function unb64(text: string | undefined): string {
   if (text === undefined || text === "") return "";
   const bin = atob(text);
+  if (!HIGH.test(bin)) return bin;
   const bytes = new Uint8Array(bin.length);
   for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
   return decoder.decode(bytes);
@@ -112,6 +119,8 @@ export function unb64(text: string | undefined): string {
 
 /** The end of the key range that holds every key starting with `prefix` (the last byte + 1). */
 export function prefixEnd(prefix: string): string {
+  const last = prefix.charCodeAt(prefix.length - 1);
+  if (last < 0x7f) return prefix.slice(0, -1) + String.fromCharCode(last + 1);
   const bytes = encoder.encode(prefix);
   for (let i = bytes.length - 1; i >= 0; i--) {
     if (bytes[i] < 0xff) {
@@ -133,6 +142,8 @@ export function parseRevision(value: unknown): number {
   if (typeof text !== "string" || !/^\d{1,20}$/.test(text)) {
     throw new EtcdError(`Malformed number from etcd: ${JSON.stringify(value)}`);
   }
+  // Up to 15 digits is below 2^53: exact as a number, no BigInt needed.
+  if (text.length <= 15) return Number(text);
   const big = BigInt(text);
   if (big > BigInt(Number.MAX_SAFE_INTEGER)) {
     throw new EtcdError(`Number from etcd too large to use safely: ${text}`);
@@ -140,13 +151,19 @@ export function parseRevision(value: unknown): number {
   return Number(big);
 }
 
+/** The last lease id parsed (every key of a server carries the same one); none yet at first. */
+let lastLease: { text: unknown; id: string } = { text: Symbol("none"), id: "" };
+
 /** A lease id as etcd sent it (decimal string), checked; never converted to a number. */
 export function parseLeaseId(value: unknown): string {
   const text = typeof value === "number" ? String(value) : value;
+  if (text === lastLease.text) return lastLease.id;
   if (typeof text !== "string" || !/^-?\d{1,20}$/.test(text)) {
     throw new EtcdError(`Malformed lease id from etcd: ${JSON.stringify(value)}`);
   }
-  return BigInt(text).toString();
+  const id = BigInt(text).toString();
+  lastLease = { text, id };
+  return id;
 }
 
 type Json = Record<string, unknown>;
