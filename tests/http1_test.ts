@@ -208,7 +208,7 @@ Deno.test("http1: connection: close, HTTP/1.0 and an answer ended by the close a
   }
 });
 
-Deno.test("http1: a kept connection the peer closed while idle is replaced once; a fresh one that closes fails", async () => {
+Deno.test("http1: a kept connection the peer closed while idle is replaced once, the other idle ones closed; a fresh one that closes fails", async () => {
   let calls = 0;
   await using srv = new Scripted((req) => {
     calls++;
@@ -221,6 +221,25 @@ Deno.test("http1: a kept connection the peer closed while idle is replaced once;
     assert.equal((await http.post(srv.origin, "/", {}, "{}", 2000)).body, '{"conn":1}');
   } finally {
     http.close();
+  }
+  // A peer that restarted: every kept connection is dead; one failure clears them all.
+  let restarted = false;
+  await using restarting = new Scripted((req) =>
+    restarted && req.conn < 3 ? null : [withLength(`{"conn":${req.conn}}`)]
+  );
+  const pool = new Http1Client();
+  try {
+    const first = await Promise.all(
+      [1, 2, 3].map(() => pool.post(restarting.origin, "/", {}, "{}", 2000)),
+    );
+    assert.equal(first.length, 3);
+    assert.equal(pool.openConnections, 3);
+    restarted = true;
+    assert.equal((await pool.post(restarting.origin, "/", {}, "{}", 2000)).body, '{"conn":3}');
+    assert.equal(pool.openConnections, 1, "the other idle connections are gone too");
+    assert.equal((await pool.post(restarting.origin, "/", {}, "{}", 2000)).body, '{"conn":3}');
+  } finally {
+    pool.close();
   }
   await using refusing = new Scripted(() => null);
   const fresh = new Http1Client();

@@ -15,7 +15,8 @@
  * - The deadline closes the connection (an HTTP/1.1 request cannot be withdrawn otherwise); so does
  *   closing the client.
  * - A kept connection that turns out closed before a byte of the answer came is replaced once by a
- *   new one (the peer closed it while idle).
+ *   new one, and the other idle ones are closed too (the peer closed them while idle, or
+ *   restarted).
  *
  * @example
  * ```ts ignore
@@ -303,12 +304,14 @@ export class Http1Client {
           return { status: head.status, body: decoder.decode(bytes) };
         } catch (err) {
           this.#drop(link);
-          // A kept connection the peer had closed while idle (nothing of an answer came): once
-          // more on a new one.
+          // A kept connection the peer had closed while idle (nothing of an answer came): the
+          // peer may have restarted, so every idle one goes, and the call goes once more on a
+          // new connection.
           if (
             kept !== undefined && attempt === 0 && link.received === before && !deadline.passed &&
             !this.#closed
           ) {
+            for (const old of this.#idle.get(origin)?.splice(0) ?? []) this.#drop(old);
             continue;
           }
           throw this.#wrap(err, deadline.passed);
