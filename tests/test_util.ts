@@ -483,61 +483,25 @@ export async function makeTlsFixture(
     "-out",
     `${dir}/ca.pem`,
   ]);
-  await run([
-    "req",
-    "-new",
-    ...ec,
-    "-subj",
-    "/CN=localhost",
-    "-keyout",
-    `${dir}/server.key`,
-    "-out",
-    `${dir}/server.csr`,
-  ]);
-  await Deno.writeTextFile(
-    `${dir}/ext.cnf`,
-    "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\n" +
-      `extendedKeyUsage=serverAuth${options.clientAuth ? ",clientAuth" : ""}\n`,
-  );
-  await run([
-    "x509",
-    "-req",
-    "-in",
-    `${dir}/server.csr`,
-    "-CA",
-    `${dir}/ca.pem`,
-    "-CAkey",
-    `${dir}/ca.key`,
-    "-CAcreateserial",
-    "-days",
-    "2",
-    "-extfile",
-    `${dir}/ext.cnf`,
-    "-out",
-    `${dir}/server.pem`,
-  ]);
-  let client: Pick<TlsFixture, "clientCertFile" | "clientKeyFile"> = {};
-  if (options.clientAuth) {
+  /** A key and a certificate for `subject` signed by the CA, with these X.509 extensions. */
+  const issue = async (name: string, subject: string, extensions: string) => {
     await run([
       "req",
       "-new",
       ...ec,
       "-subj",
-      "/CN=tcpnetlock",
+      subject,
       "-keyout",
-      `${dir}/client.key`,
+      `${dir}/${name}.key`,
       "-out",
-      `${dir}/client.csr`,
+      `${dir}/${name}.csr`,
     ]);
-    await Deno.writeTextFile(
-      `${dir}/client.cnf`,
-      "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    );
+    await Deno.writeTextFile(`${dir}/${name}.cnf`, extensions);
     await run([
       "x509",
       "-req",
       "-in",
-      `${dir}/client.csr`,
+      `${dir}/${name}.csr`,
       "-CA",
       `${dir}/ca.pem`,
       "-CAkey",
@@ -546,10 +510,24 @@ export async function makeTlsFixture(
       "-days",
       "2",
       "-extfile",
-      `${dir}/client.cnf`,
+      `${dir}/${name}.cnf`,
       "-out",
-      `${dir}/client.pem`,
+      `${dir}/${name}.pem`,
     ]);
+  };
+  await issue(
+    "server",
+    "/CN=localhost",
+    "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\nbasicConstraints=CA:FALSE\n" +
+      `extendedKeyUsage=serverAuth${options.clientAuth ? ",clientAuth" : ""}\n`,
+  );
+  let client: Pick<TlsFixture, "clientCertFile" | "clientKeyFile"> = {};
+  if (options.clientAuth) {
+    await issue(
+      "client",
+      "/CN=tcpnetlock",
+      "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    );
     client = { clientCertFile: `${dir}/client.pem`, clientKeyFile: `${dir}/client.key` };
   }
   return {
