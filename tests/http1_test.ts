@@ -30,10 +30,14 @@ class Scripted implements AsyncDisposable {
   readonly conns: Deno.Conn[] = [];
   readonly #done: Promise<void>;
 
+  readonly #host: string;
+
   constructor(
     answer: (req: Seen, index: number) => Piece[] | null | "hang",
+    hostname = "127.0.0.1",
   ) {
-    const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+    const listener = Deno.listen({ hostname, port: 0 });
+    this.#host = hostname.includes(":") ? `[${hostname}]` : hostname;
     this.listener = listener;
     this.#done = (async () => {
       const tasks: Promise<void>[] = [];
@@ -46,7 +50,7 @@ class Scripted implements AsyncDisposable {
   }
 
   get origin(): string {
-    return `http://127.0.0.1:${this.listener.addr.port}`;
+    return `http://${this.#host}:${this.listener.addr.port}`;
   }
 
   async #serve(
@@ -398,6 +402,17 @@ Deno.test("http1: a connection idle for longer than the idle limit is closed, no
     await new Promise((r) => setTimeout(r, 120));
     assert.equal((await http.post(srv.origin, "/", {}, "{}", 2000)).body, '{"conn":1}');
     assert.equal(http.openConnections, 1, "the stale one was closed");
+  } finally {
+    http.close();
+  }
+});
+
+Deno.test("http1: an IPv6 origin connects to the address inside the brackets and sends them in Host", async () => {
+  await using srv = new Scripted(() => [withLength("{}")], "::1");
+  const http = new Http1Client();
+  try {
+    assert.equal((await http.post(srv.origin, "/v6", {}, "{}", 2000)).body, "{}");
+    assert.match(srv.seen[0].head, new RegExp(`\r\nhost: \\[::1\\]:${srv.listener.addr.port}\r\n`));
   } finally {
     http.close();
   }
