@@ -7,7 +7,7 @@
 
 import { tokenMatcher } from "./auth.ts";
 import { acceptLoop, type StreamConn, TlsUpgrader, tuneTcp } from "./net.ts";
-import { getLogger, startupLog } from "./log.ts";
+import { getLogger, levelCheck, startupLog } from "./log.ts";
 import { type EtcdServerOptions, EtcdStore } from "./etcd/store.ts";
 import { MemoryStore } from "./store/memory_store.ts";
 import type { LockStore, StoreEvent } from "./store/types.ts";
@@ -115,6 +115,7 @@ export class ListenError extends Error {
 }
 
 const log = getLogger(["tcpnetlock", "server"]);
+const infoOn = levelCheck(log, "info");
 const encoder = new TextEncoder();
 const TOO_MANY_CONNECTIONS = encoder.encode(`${Reply.ERR},${ErrorReason.TOO_MANY_CONNECTIONS}\n`);
 /** How long after its grant a holder's socket gets TCP_NODELAY and keepalive (Session.tune). */
@@ -143,7 +144,7 @@ function readMaxRssKb(): number {
  */
 function logEvent(event: StoreEvent): void {
   // Nothing is built for a level that is off (the server's default level is warning).
-  if (!log.isEnabledFor("info")) return;
+  if (!infoOn()) return;
   const { claim } = event;
   const props = {
     event: event.type as string,

@@ -171,3 +171,23 @@ Deno.test("the auth token never appears in the text log either, even at --debug"
   assert.match(stderr, /\[INF\] tcpnetlock.server: Lock db granted to job-a at 127\.0\.0\.1:\d+/);
   assert.match(stderr, /\[DBG\] tcpnetlock.http: HTTP GET \/metrics 200 for 127\.0\.0\.1:\d+/);
 });
+
+Deno.test("levelCheck: cached while a setupLogging configuration stands, asked again after the next", async () => {
+  const { getLogger, levelCheck, setupLogging } = await import("../lib/log.ts");
+  const { resetSync } = await import("npm:@logtape/logtape@^2.4.2");
+  const lines: string[] = [];
+  const write = (text: string) => lines.push(text);
+  try {
+    const logger = getLogger(["tcpnetlock", "levelcheck"]);
+    const infoOn = levelCheck(logger, "info");
+    setupLogging({ level: "warning", write });
+    assert.equal(infoOn(), false, "warning: info is off");
+    assert.equal(infoOn(), false, "and stays off");
+    setupLogging({ level: "info", write });
+    assert.equal(infoOn(), true, "a new configuration is asked again: info is on");
+    setupLogging({ level: "error", write });
+    assert.equal(infoOn(), false);
+  } finally {
+    resetSync();
+  }
+});
