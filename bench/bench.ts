@@ -41,7 +41,7 @@ import {
   type Target,
 } from "./load.ts";
 import { type FloodResult, runFlood } from "./flood.ts";
-import { buildCGen, type CGenResult, cgenUnavailable, runCyclesC } from "./cgen.ts";
+import { buildCGen, type CGenResult, cgenUnavailable, mergeCGen, runCyclesC } from "./cgen.ts";
 import {
   type ClientCyclesResult,
   runClientCycles,
@@ -104,6 +104,13 @@ interface Sizes {
   cycleLevels: number[];
   cycleMs: number;
   cycleWarmupMs: number;
+  /**
+   * The C generator's levels (connection-per-lock and session cycles) are measured in this many
+   * slices per server, alternating between the servers (see {@linkcode alternate}).
+   */
+  cycleSlices: number;
+  /** Measured time of one slice. */
+  sliceMs: number;
   handoverClients: number;
   handoverNames: number;
   handoverMs: number;
@@ -132,6 +139,8 @@ const FULL: Sizes = {
   cycleLevels: [1, 16, 64],
   cycleMs: 2000,
   cycleWarmupMs: 300,
+  cycleSlices: 4,
+  sliceMs: 1500,
   handoverClients: 64,
   handoverNames: 4,
   handoverMs: 3000,
@@ -157,6 +166,8 @@ const QUICK: Sizes = {
   cycleLevels: [1, 16, 64],
   cycleMs: 250,
   cycleWarmupMs: 50,
+  cycleSlices: 2,
+  sliceMs: 150,
   handoverClients: 64,
   handoverNames: 4,
   handoverMs: 300,
@@ -581,6 +592,8 @@ interface EtcdResult {
 type SessionLevel = SessionCyclesResult & {
   generatorCpuPercent?: number;
   serverCpuPercent?: number | null;
+  /** Each slice's rate, when measured in slices (see {@linkcode alternate}). */
+  sliceRates?: number[];
 };
 
 /** The `sessions` scenario: per level, over sessions (ours and the session floor), and ours over
@@ -684,7 +697,11 @@ interface CyclesRun extends Pair<CyclesResult[]> {
   } | null;
 }
 
-/** Rate of one level of cycles, with the C generator when it can be built, else bench/load.ts. */
+/**
+ * Rate of one level of cycles, with the C generator when it can be built, else bench/load.ts.
+ * `sliced`: one slice of {@linkcode Sizes.sliceMs} (see {@linkcode alternate}), else
+ * {@linkcode Sizes.cycleMs}.
+ */
 async function cyclesLevel(
   target: Target,
   server: ServerProcess,
@@ -692,17 +709,56 @@ async function cyclesLevel(
   s: Sizes,
   procs: number,
   useC: boolean,
+  sliced = false,
 ): Promise<CyclesResult | CGenResult> {
+  const durationMs = sliced ? s.sliceMs : s.cycleMs;
   if (useC) {
     return await runCyclesC(target, {
       clients,
-      durationMs: s.cycleMs,
+      durationMs,
       warmupMs: s.cycleWarmupMs,
       procs,
       serverPid: server.pid,
     });
   }
-  return await runCycles(target, { clients, durationMs: s.cycleMs, warmupMs: s.cycleWarmupMs });
+  return await runCycles(target, { clients, durationMs, warmupMs: s.cycleWarmupMs });
+}
+
+/**
+ * Measures one level on each of `n` servers in `slices` turns, the order reversed every other
+ * turn (A B, B A, A B, B A), and returns each server's slices. This machine's speed drifts by
+ * tens of percent within seconds: two identical servers measured in single 2-second windows one
+ * after the other differed by up to 30 % (A/A check, 2026-12-02), so a level measured once per
+ * server was a ratio of two draws. Alternating slices put each drift on both servers alike.
+ */
+async function alternate<R>(
+  n: number,
+  slices: number,
+  measure: (i: number) => Promise<R>,
+): Promise<R[][]> {
+  const out: R[][] = Array.from({ length: n }, () => []);
+  for (let turn = 0; turn < slices; turn++) {
+    const order = Array.from({ length: n }, (_, i) => turn % 2 === 0 ? i : n - 1 - i);
+    for (const i of order) out[i].push(await measure(i));
+  }
+  return out;
+}
+
+/** Merges the C generator's slices; a Deno generator's one result (not sliced) passes through. */
+function merged<R>(slices: R[]): R {
+  if (slices.length === 1) return slices[0];
+  return mergeCGen(slices as unknown as CGenResult[]) as unknown as R;
+}
+
+/** A level's figures for the progress lines. */
+function describeLevel(r: CyclesResult | CGenResult | SessionLevel): string {
+  const cpu = "generatorCpuPercent" in r && r.generatorCpuPercent !== undefined
+    ? `, generator CPU ${r.generatorCpuPercent}%, server CPU ${r.serverCpuPercent}%`
+    : "";
+  const sliceRates = "sliceRates" in r ? r.sliceRates : undefined;
+  const sliced = sliceRates ? ` (slices: ${sliceRates.join(", ")})` : "";
+  return `${r.rate}/s p50 ${r.latency.p50} ms p99 ${r.latency.p99} ms, ` +
+    `${r.errors.total} errors${cpu}${sliced}`;
 }
 
 /** The generator check doubles the generator processes up to this many. */
@@ -753,17 +809,27 @@ async function scenarioCycles(ctx: Context): Promise<CyclesRun> {
       }
       run.procs = procs;
     }
+    // The floor was warmed up by the generator check; the others get the same load once,
+    // unmeasured, so that no server is measured while its JIT still compiles the hot path.
+    const warmClients = run.check?.clients ?? 16;
+    for (const [i, kind] of ctx.kinds.entries()) {
+      if (i === floorAt && run.check !== null) continue;
+      const target = { hostname: "127.0.0.1", port: servers[i].port };
+      await cyclesLevel(target, servers[i], warmClients, s, run.procs, useC);
+      progress(`cycles ${kind.label}: warmed up at ${warmClients} clients (not measured)`);
+    }
+    // Sliced only with the C generator: its results merge (histograms, CPU).
+    const slices = useC ? s.cycleSlices : 1;
     for (const clients of s.cycleLevels) {
+      const target = (i: number) => ({ hostname: "127.0.0.1", port: servers[i].port });
+      const all = await alternate(
+        ctx.kinds.length,
+        slices,
+        (i) => cyclesLevel(target(i), servers[i], clients, s, run.procs, useC, slices > 1),
+      );
       for (const [i, kind] of ctx.kinds.entries()) {
-        const target = { hostname: "127.0.0.1", port: servers[i].port };
-        const r = await cyclesLevel(target, servers[i], clients, s, run.procs, useC);
-        const cpu = "generatorCpuPercent" in r
-          ? `, generator CPU ${r.generatorCpuPercent}%, server CPU ${r.serverCpuPercent}%`
-          : "";
-        progress(
-          `cycles ${kind.label} ${clients} clients: ${r.rate}/s p50 ${r.latency.p50} ms ` +
-            `p99 ${r.latency.p99} ms, ${r.errors.total} errors${cpu}`,
-        );
+        const r = merged(all[i]);
+        progress(`cycles ${kind.label} ${clients} clients: ${describeLevel(r)}`);
         (run[kind.label] ??= []).push(r);
       }
     }
@@ -1015,18 +1081,22 @@ async function scenarioHeld(ctx: Context): Promise<Pair<HeldResult>> {
   });
 }
 
-/** One level of session cycles (one session per locker): the C generator's, or session_load's. */
-async function sessionLevel(
+/**
+ * One level of session cycles (one session per locker): the C generator's, or session_load's;
+ * `sliced` as for {@linkcode cyclesLevel}.
+ */
+async function sessionRun(
   target: Target,
   server: ServerProcess,
   lockers: number,
   s: Sizes,
   procs: number,
   useC: boolean,
-): Promise<SessionLevel> {
-  const timing = { durationMs: s.cycleMs, warmupMs: s.cycleWarmupMs };
+  sliced = false,
+): Promise<CGenResult | SessionCyclesResult> {
+  const timing = { durationMs: sliced ? s.sliceMs : s.cycleMs, warmupMs: s.cycleWarmupMs };
   if (!useC) return await runSessionCycles(target, { lockers, ...timing });
-  const r = await runCyclesC(target, {
+  return await runCyclesC(target, {
     clients: lockers,
     ...timing,
     procs,
@@ -1034,6 +1104,11 @@ async function sessionLevel(
     session: true,
     prefix: `csess${lockers}`,
   });
+}
+
+/** A session level's figures from what {@linkcode sessionRun} measured (merged). */
+function toSessionLevel(lockers: number, r: CGenResult | SessionCyclesResult): SessionLevel {
+  if (!("procs" in r)) return r;
   return {
     lockers,
     sessions: lockers,
@@ -1044,6 +1119,7 @@ async function sessionLevel(
     errors: r.errors,
     generatorCpuPercent: r.generatorCpuPercent,
     serverCpuPercent: r.serverCpuPercent,
+    ...(r.sliceRates === undefined ? {} : { sliceRates: r.sliceRates }),
   };
 }
 
@@ -1073,8 +1149,7 @@ async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
     if (useC && floorAt >= 0) {
       // Is the generator what limits the session floor? Twice its CPU must not raise the rate.
       const lockers = s.cycleLevels.includes(16) ? 16 : s.cycleLevels[s.cycleLevels.length - 1];
-      const at = (p: number) =>
-        sessionLevel(target(floorAt), servers[floorAt], lockers, s, p, true);
+      const at = (p: number) => sessionRun(target(floorAt), servers[floorAt], lockers, s, p, true);
       const rate = (await at(1)).rate;
       const doubled = (await at(2)).rate;
       const limited = doubled > rate * 1.1;
@@ -1085,21 +1160,25 @@ async function scenarioSessions(ctx: Context): Promise<SessionsResult> {
       if (limited) procs = 2;
       result.check = { lockers, procs, rate, doubled, limited };
     }
+    // In slices, alternating between the servers, with the C generator (see `alternate`).
+    const slices = useC ? s.cycleSlices : 1;
     for (const lockers of s.cycleLevels) {
+      const all = await alternate(ctx.kinds.length, slices, async (i) => {
+        const sliced = slices > 1;
+        const session = await sessionRun(target(i), servers[i], lockers, s, procs, useC, sliced);
+        // Our own connection-per-lock cycles at the same level, right after, by the same
+        // generator: the 2× target.
+        const connection = ctx.kinds[i].label === "ours"
+          ? await cyclesLevel(target(i), servers[i], lockers, s, procs, useC, sliced)
+          : undefined;
+        return { session, connection };
+      });
       for (const [i, kind] of ctx.kinds.entries()) {
-        const r = await sessionLevel(target(i), servers[i], lockers, s, procs, useC);
-        const cpu = r.generatorCpuPercent === undefined
-          ? ""
-          : `, generator CPU ${r.generatorCpuPercent}%, server CPU ${r.serverCpuPercent}%`;
-        progress(
-          `sessions ${kind.label} ${lockers} lockers: ${r.rate}/s p50 ${r.latency.p50} ms ` +
-            `p99 ${r.latency.p99} ms, ${r.errors.total} errors${cpu}`,
-        );
+        const r = toSessionLevel(lockers, merged(all[i].map((x) => x.session)));
+        progress(`sessions ${kind.label} ${lockers} lockers: ${describeLevel(r)}`);
         (result.cycles[kind.label] ??= []).push(r);
         if (kind.label === "ours") {
-          // Our own connection-per-lock cycles at the same level, right after, by the same
-          // generator: the 2× target.
-          const c = await cyclesLevel(target(i), servers[i], lockers, s, procs, useC);
+          const c = merged(all[i].map((x) => x.connection!));
           progress(`sessions: ours over one connection per lock, ${lockers} clients: ${c.rate}/s`);
           result.connection.push(c);
         }

@@ -91,7 +91,18 @@ export interface CGenResult extends CyclesResult {
   generatorCpuPercent: number;
   /** The server's CPU over (about) the same window, in % of one core; null without a pid. */
   serverCpuPercent: number | null;
+  /** When merged from slices ({@linkcode mergeCGen}): each slice's rate, in the order run. */
+  sliceRates?: number[];
 }
+
+/** What a merge needs beyond a result's figures (kept aside: not written to the JSON). */
+interface Parts {
+  hist: Map<number, number>;
+  sum: number;
+  max: number;
+  cpu: number;
+}
+const parts = new WeakMap<CGenResult, Parts>();
 
 interface Raw {
   cycles: number;
@@ -100,6 +111,15 @@ interface Raw {
   maxLatency: number;
   histogramUs: [number, number][];
   errors: { total: number; kinds: Record<string, number>; examples: string[] };
+}
+
+type Errors = Raw["errors"];
+
+/** Adds `from`'s errors to `into` (at most 10 examples kept). */
+function addErrors(into: Errors, from: Errors): void {
+  into.total += from.total;
+  for (const [k, n] of Object.entries(from.kinds)) into.kinds[k] = (into.kinds[k] ?? 0) + n;
+  into.examples.push(...from.examples.slice(0, 10 - into.examples.length));
 }
 
 function fromHistogram(hist: Map<number, number>, sum: number, max: number): Latency {
@@ -174,7 +194,7 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
   clearTimeout(stopTimer);
   const hist = new Map<number, number>();
   let cycles = 0, cpu = 0, sum = 0, max = 0;
-  const errors = { total: 0, kinds: {} as Record<string, number>, examples: [] as string[] };
+  const errors: Errors = { total: 0, kinds: {}, examples: [] };
   for (const out of outputs) {
     const text = new TextDecoder().decode(out.stdout);
     if (!out.success) {
@@ -186,17 +206,13 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
     sum += raw.sumLatency;
     max = Math.max(max, raw.maxLatency);
     for (const [us, n] of raw.histogramUs) hist.set(us, (hist.get(us) ?? 0) + n);
-    errors.total += raw.errors.total;
-    for (const [k, n] of Object.entries(raw.errors.kinds)) {
-      errors.kinds[k] = (errors.kinds[k] ?? 0) + n;
-    }
-    errors.examples.push(...raw.errors.examples.slice(0, 10 - errors.examples.length));
+    addErrors(errors, raw.errors);
   }
   const seconds = options.durationMs / 1000;
   const serverCpuPercent = serverFrom !== null && serverTo !== null && ticks > 0
     ? Math.round(((serverTo - serverFrom) / ticks / seconds) * 1000) / 10
     : null;
-  return {
+  const result: CGenResult = {
     clients: options.clients,
     cycles,
     seconds,
@@ -207,6 +223,59 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
     generatorCpuPercent: Math.round((cpu / seconds) * 1000) / 10,
     serverCpuPercent,
   };
+  parts.set(result, { hist, sum, max, cpu });
+  return result;
+}
+
+/**
+ * One result from slices of the same level measured apart (see `alternate` in bench.ts): cycles
+ * and seconds add up, the latency comes from the merged histograms, the CPU figures are averaged
+ * over the seconds; `sliceRates` keeps each slice's rate.
+ *
+ * @example
+ * ```ts
+ * import { mergeCGen, runCyclesC } from "./cgen.ts";
+ * const target = { hostname: "127.0.0.1", port: 7654 };
+ * const slices = [];
+ * for (let i = 0; i < 4; i++) slices.push(await runCyclesC(target, { clients: 16, durationMs: 1500 }));
+ * console.log(mergeCGen(slices).rate);
+ * ```
+ */
+export function mergeCGen(slices: CGenResult[]): CGenResult {
+  if (slices.length === 0) throw new Error("mergeCGen: no slices");
+  if (slices.length === 1) return slices[0];
+  const hist = new Map<number, number>();
+  let cycles = 0, seconds = 0, sum = 0, max = 0, cpu = 0, serverCpu = 0, serverSeconds = 0;
+  const errors: Errors = { total: 0, kinds: {}, examples: [] };
+  for (const r of slices) {
+    const p = parts.get(r);
+    if (p === undefined) throw new Error("mergeCGen: a result not made by runCyclesC");
+    cycles += r.cycles;
+    seconds += r.seconds;
+    sum += p.sum;
+    max = Math.max(max, p.max);
+    cpu += p.cpu;
+    for (const [us, n] of p.hist) hist.set(us, (hist.get(us) ?? 0) + n);
+    if (r.serverCpuPercent !== null) {
+      serverCpu += r.serverCpuPercent * r.seconds;
+      serverSeconds += r.seconds;
+    }
+    addErrors(errors, r.errors);
+  }
+  const merged: CGenResult = {
+    clients: slices[0].clients,
+    cycles,
+    seconds,
+    rate: Math.round(cycles / seconds),
+    latency: fromHistogram(hist, sum, max),
+    errors,
+    procs: slices[0].procs,
+    generatorCpuPercent: Math.round((cpu / seconds) * 1000) / 10,
+    serverCpuPercent: serverSeconds > 0 ? Math.round((serverCpu / serverSeconds) * 10) / 10 : null,
+    sliceRates: slices.map((r) => r.rate),
+  };
+  parts.set(merged, { hist, sum, max, cpu });
+  return merged;
 }
 
 async function clockTicks(): Promise<number> {

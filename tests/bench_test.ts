@@ -24,6 +24,13 @@ interface ScenarioReport {
   runs: unknown[];
 }
 
+interface Level {
+  cycles: number;
+  seconds: number;
+  rate: number;
+  sliceRates?: number[];
+}
+
 interface Report {
   errors: { ours: number; floor: number };
   rows: { scenario: string; metric: string; ours: number | null; floor: number | null }[];
@@ -87,6 +94,23 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
       const row = report.rows.find((r) => r.metric.startsWith(name));
       if (!row || row.ours === null || row.floor === null) {
         throw new Error(`Row "${name}" has no figures: ${JSON.stringify(row)}`);
+      }
+    }
+    // The C generator's levels are measured in alternating slices (two with --quick), merged: the
+    // rate is the slices' cycles over their seconds, and each slice's rate is kept.
+    for (const name of ["cycles", "sessions"]) {
+      const run = report.scenarios[name].runs[0] as Record<string, unknown>;
+      const pair = (name === "cycles" ? run : run.cycles) as Record<string, Level[] | null>;
+      for (const label of ["ours", "floor"]) {
+        for (const level of pair[label] ?? []) {
+          if (level.sliceRates?.length !== 2) {
+            throw new Error(`${name} ${label}: not two slices: ${JSON.stringify(level)}`);
+          }
+          const expected = Math.round(level.cycles / level.seconds);
+          if (level.rate !== expected || Math.abs(level.seconds - 0.3) > 1e-9) {
+            throw new Error(`${name} ${label}: slices not merged: ${JSON.stringify(level)}`);
+          }
+        }
       }
     }
     if (!report.scenarios.etcd.skipped) {
