@@ -138,6 +138,35 @@ Deno.test("session: a lock line is checked like a version 2 one; a ttl inside a 
   assert.match((await s.line())!, OK("a"));
 });
 
+Deno.test("session: lock and release lines in any field order, with blanks or a field twice, read as in version 2", async () => {
+  // `lock,id:X,name:N` and `release,id:X` have a quick path; every variant must get the answer
+  // the general parse gives (blanks trimmed, the last of a repeated field counts).
+  await using srv = await startTestServer();
+  await using s = await RawSession.open(srv.port);
+  await s.send(
+    "lock,name:q1,id:a",
+    "lock, id:b ,name:q2",
+    "lock,id:c,id:d,name:q3",
+    "lock,id:e,name:q4,name:q5",
+  );
+  const granted = await s.lines(4);
+  for (const [i, id] of ["a", "b", "d", "e"].entries()) assert.match(granted[i], OK(id));
+  // q5 is held by e, q4 by no one.
+  await using other = await RawSession.open(srv.port);
+  await other.send("lock,id:x,name:q5,wait:0", "lock,id:y,name:q4");
+  const [refused, free] = await other.lines(2);
+  assert.equal(refused, "not-granted,id:x");
+  assert.match(free, OK("y"));
+  await s.send("release, id:a", "release,id:b", "release,id:c", "release,id:d ", "release,id:e");
+  assert.deepEqual(await s.lines(5), [
+    "err,unknown id,id:c",
+    "released,id:a",
+    "released,id:b",
+    "released,id:d",
+    "released,id:e",
+  ]);
+});
+
 Deno.test("session: pipelined requests are multiplexed by id; replies for one id keep their order", async () => {
   await using srv = await startTestServer();
   await using other = await RawSession.open(srv.port);
