@@ -19,6 +19,7 @@ import {
   ErrorReason,
   isValidClientId,
   isValidLockName,
+  type LockMode,
   parseDecimal,
   parsePositiveInt,
   parseRequest,
@@ -72,6 +73,9 @@ function line(text: string, cache = false): Uint8Array {
   }
   return bytes;
 }
+
+/** The start of the plain version 1 lock line (see `Session.#first`). */
+const LOCK_NAME = `${Action.LOCK},name:`;
 
 /** How long a closing connection is drained, and how much of it is read at most. */
 const LINGER_MS = 1000;
@@ -347,12 +351,22 @@ export class Session implements ClaimHandler {
       await this.#finish(Reply.BAD_REQUEST);
       return false;
     }
-    const req = parseRequest(result.line);
+    const host = this.#host;
+    // The plain lock line of every version 1 client, `lock,name:N`, is read without the general
+    // parse (a Map and a string per field) when no auth is asked for; anything else, or a name
+    // the pattern refuses, takes the general path and its answers.
+    const text = result.line;
+    if (host.checkAuth === undefined && text.startsWith(LOCK_NAME)) {
+      const name = text.slice(LOCK_NAME.length);
+      if (isValidLockName(name)) {
+        return this.#claimLock(name, undefined, 0, undefined, 1, undefined);
+      }
+    }
+    const req = parseRequest(text);
     if (req === null) {
       await this.#finish(Reply.BAD_REQUEST);
       return false;
     }
-    const host = this.#host;
     if (host.checkAuth !== undefined && req.action !== Action.PING) {
       if (!host.checkAuth(req.params.get("auth"))) {
         host.warn("Refused a request from {peer}: unauthorized", {
@@ -457,6 +471,18 @@ export class Session implements ClaimHandler {
     }
     const mode = parseMode(modeText, limit);
     if (mode === null) return fail(ErrorReason.INVALID_MODE);
+    return this.#claimLock(name, clientId, wait, ttl, limit, mode);
+  }
+
+  /** Asks the store for the lock (the request's fields checked). */
+  #claimLock(
+    name: string,
+    clientId: string | undefined,
+    wait: number,
+    ttl: number | undefined,
+    limit: number,
+    mode: LockMode | undefined,
+  ): boolean {
     // The outcome comes later (a store answers asynchronously): meanwhile the connection is
     // read like a waiter's (early lines kept, a disconnect withdraws the claim).
     this.#claim = this.#host.table.acquire(

@@ -50,6 +50,19 @@ Deno.test("lock with a missing or invalid name gets err,invalid lock name and is
   ]);
 });
 
+Deno.test("lock,name:N with blanks or a field twice reads as the general parse does", async () => {
+  // `lock,name:N` has a quick path; its variants must get the general parse's answer (blanks
+  // trimmed, the last of a repeated field counts).
+  await using srv = await startTestServer();
+  await using a = await RawClient.connect(srv.port);
+  assert.equal(await a.request("lock, name: q1 "), "ok");
+  await using b = await RawClient.connect(srv.port);
+  assert.equal(await b.request("lock,name:q0,name:q2"), "ok");
+  assert.deepEqual(await exchange(srv.port, "lock,name:q1\n"), ["not-granted"]);
+  assert.deepEqual(await exchange(srv.port, "lock,name:q2\n"), ["not-granted"]);
+  assert.deepEqual(await exchange(srv.port, "lock,name:q0\nrelease\n"), ["ok", "released"]);
+});
+
 Deno.test(".ping answers pong and closes", async () => {
   await using srv = await startTestServer();
   assert.deepEqual(await exchange(srv.port, ".ping\n"), ["pong"]);
