@@ -60,10 +60,12 @@ export async function launchBrowser(): Promise<TestBrowser> {
     await Deno.remove(profile, { recursive: true }).catch(() => {});
     throw err;
   }
+  const pages: Page[] = [];
   return {
     browser,
     async page() {
       const page = await browser.newPage();
+      pages.push(page);
       const errors: string[] = [];
       page.on("console", (msg: ConsoleMessage) => {
         if (msg.type() === "error") errors.push(`console: ${msg.text()}`);
@@ -72,8 +74,37 @@ export async function launchBrowser(): Promise<TestBrowser> {
       return { page, errors };
     },
     async [Symbol.asyncDispose]() {
+      for (const page of pages) await closeAndLetGo(page);
       await browser.close().catch(() => {});
       await Deno.remove(profile, { recursive: true }).catch(() => {});
     },
   };
+}
+
+/**
+ * Closes a tab (if the test has not) and waits until puppeteer has let go of its main frame. When a
+ * tab closes while the browser is still there, puppeteer waits up to 100 ms, on a timer, for the
+ * frame to be swapped for another; a browser closed meanwhile left that timer running past the end
+ * of the test, and Deno's sanitizer failed the next test (seen in CI on a loaded machine). The frame's
+ * detach, which ends that wait, is what is awaited (bounded, with a timer that is cleared).
+ */
+async function closeAndLetGo(page: Page): Promise<void> {
+  const main = page.mainFrame();
+  if (main.detached) return;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  let onDetached: ((frame: unknown) => void) | undefined;
+  const gone = new Promise<void>((resolve) => {
+    onDetached = (frame) => {
+      if (frame === main) resolve();
+    };
+    page.on("framedetached", onDetached);
+    timer = setTimeout(resolve, 5000);
+  });
+  try {
+    if (!page.isClosed()) await page.close().catch(() => {});
+    if (!main.detached) await gone;
+  } finally {
+    clearTimeout(timer);
+    page.off("framedetached", onDetached!);
+  }
 }
