@@ -849,7 +849,7 @@ async function scenarioHandover(
   let reference = run.cycles?.generator === "deno"
     ? run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null
     : null;
-  const pair = await perServer(ctx, async (target, _server, kind) => {
+  const pair = await perServer(ctx, async (target, server, kind) => {
     if (kind.label === "ours" && reference === null) {
       // The target compares with the uncontended cycle rate at the same concurrency.
       const r = await runCycles(target, {
@@ -868,12 +868,14 @@ async function scenarioHandover(
       warmupMs: s.handoverWarmupMs,
       wait: 30,
       checkLocking: kind.label === "ours",
+      serverPid: server.pid,
     });
     progress(
       `handover ${kind.label}: ${r.rate}/s, ${r.handovers} hand-overs, ` +
         `${r.queuedPerGrant} queued lines per grant, delay p50 ` +
         `${r.delay.p50} p99 ${r.delay.p99} ms, lock->ok p50 ${r.grantLatency.p50} ms, ` +
-        `${r.errors.total} errors`,
+        `${r.errors.total} errors, generator CPU ${r.generatorCpuPercent ?? "?"}%, ` +
+        `server CPU ${r.serverCpuPercent ?? "?"}%`,
     );
     return r;
   });
@@ -1629,6 +1631,26 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
       }),
       target: "< 2 ms",
       check: (o) => o < 2,
+    },
+    {
+      // The hand-over's generator is bench/load.ts in this process (its own event loop is part
+      // of every delay it measures): its CPU beside the server's.
+      scenario: "handover",
+      metric: "hand-over generator CPU (% of a core, the benchmark's own process)",
+      unit: "%",
+      get: (r) => ({
+        ours: r.handover?.ours?.generatorCpuPercent,
+        floor: r.handover?.floor?.generatorCpuPercent,
+      }),
+    },
+    {
+      scenario: "handover",
+      metric: "hand-over server CPU (% of a core)",
+      unit: "%",
+      get: (r) => ({
+        ours: r.handover?.ours?.serverCpuPercent,
+        floor: r.handover?.floor?.serverCpuPercent,
+      }),
     },
     {
       scenario: "handover",

@@ -416,6 +416,8 @@ export interface HandoverOptions {
    * they are spread evenly among the readers.
    */
   readers?: number;
+  /** The server's process id: its CPU over the measured window is reported. */
+  serverPid?: number;
 }
 
 /** What {@linkcode runHandover} measured. */
@@ -444,6 +446,13 @@ export interface HandoverResult {
   delay: Latency;
   /** From sending the lock request to receiving `ok,...` (includes the time in the queue). */
   grantLatency: Latency;
+  /**
+   * CPU of this process (the generator: it runs in the benchmark's own process) over the
+   * measured window, % of one core; absent where /proc cannot be read.
+   */
+  generatorCpuPercent?: number;
+  /** The server's CPU over the measured window, % of one core (with `serverPid`). */
+  serverCpuPercent?: number;
   /** Everything that went wrong. */
   errors: ErrorCounts;
 }
@@ -618,13 +627,33 @@ export async function runHandover(
     }
   }
 
+  // CPU over the measured window, this process's (the generator's) and the server's: read when
+  // the warm-up ends and when the window is over.
+  let cpuFrom: (number | null)[] = [null, null];
+  let cpuTo: (number | null)[] = [null, null];
+  const readCpu = () => [
+    readCpuTicks(Deno.pid),
+    options.serverPid === undefined ? null : readCpuTicks(options.serverPid),
+  ];
+  const fromTimer = setTimeout(() => cpuFrom = readCpu(), warmupMs);
+  const toTimer = setTimeout(() => cpuTo = readCpu(), warmupMs + durationMs);
   const workers = Promise.all(Array.from({ length: clients }, (_, i) => worker(i)));
   const done = await within(workers, warmupMs + durationMs + timeoutMs + 2000);
   stop = true;
   watchdog.stop();
+  clearTimeout(fromTimer);
+  clearTimeout(toTimer);
   if (!done) errors.add("timeout", "workers did not stop");
   const seconds = (Math.min(performance.now(), stopAt) - measureFrom) / 1000;
+  const hz = await clockTicksPerSecond();
+  const cpuPercent = (i: number): number | undefined => {
+    const a = cpuFrom[i], b = cpuTo[i];
+    if (a === null || b === null) return undefined;
+    return round3((b - a) / hz / (durationMs / 1000) * 100);
+  };
   return {
+    generatorCpuPercent: cpuPercent(0),
+    serverCpuPercent: cpuPercent(1),
     clients,
     names,
     grants,

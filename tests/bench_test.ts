@@ -81,6 +81,8 @@ Deno.test("bench --quick runs every scenario against the server and the floor wi
         "generator CPU (% of a core), 16 clients",
         "server CPU (% of a core), 16 clients",
         "generator check",
+        "hand-over generator CPU",
+        "hand-over server CPU",
         "memory per held lock",
         "process start",
         "RSS after",
