@@ -41,7 +41,14 @@ import {
   type Target,
 } from "./load.ts";
 import { type FloodResult, runFlood } from "./flood.ts";
-import { buildCGen, type CGenResult, cgenUnavailable, mergeCGen, runCyclesC } from "./cgen.ts";
+import {
+  buildCGen,
+  type CGenResult,
+  cgenUnavailable,
+  mergeCGen,
+  runCyclesC,
+  runHandoverC,
+} from "./cgen.ts";
 import {
   type ClientCyclesResult,
   runClientCycles,
@@ -631,6 +638,9 @@ interface RunResult {
   etcd?: EtcdResult;
   cycles?: CyclesRun;
   handover?: Pair<HandoverResult> & {
+    /** `c` for the C generator (bench/cgen/loadgen.c `--handover 1`), `deno` for bench/load.ts. */
+    generator: "c" | "deno";
+    /** Ours uncontended at the same concurrency, from the same generator. */
     referenceCyclesPerSecond: number | null;
     /** The same hand-over with 80 % readers (`mode:shared`) and 20 % writers. */
     shared: Pair<HandoverResult>;
@@ -844,24 +854,36 @@ async function scenarioHandover(
   run: RunResult,
 ): Promise<NonNullable<RunResult["handover"]>> {
   const s = ctx.sizes;
-  // The reference is measured with the generator the hand-over uses (bench/load.ts): a rate from
-  // the C generator of the cycles scenario would compare two different generators.
-  let reference = run.cycles?.generator === "deno"
+  // The C generator where it can be built: bench/load.ts runs in this process at 80-95 % of a
+  // core, and its event loop is part of every delay it measures (with it, the hand-over rate was
+  // 6,400/s and the delay p99 1.9-2.4 ms; from the C generator 10,500/s and 0.6-1.4 ms, with the
+  // server at 100 % of a core: the server is then what limits the rate).
+  const useC = (await buildCGen()) !== null;
+  if (!useC) note(`handover: ${cgenUnavailable}; using bench/load.ts as the generator`);
+  const generator = useC ? "c" : "deno";
+  const handover = useC ? runHandoverC : runHandover;
+  // The reference is measured with the generator the hand-over uses: a rate from another
+  // generator would compare two generators. With the C generator, the cycles scenario's level
+  // at the same concurrency (its generator processes checked against the floor) when it ran.
+  let reference = run.cycles?.generator === generator
     ? run.cycles?.ours?.find((r) => r.clients === s.handoverClients)?.rate ?? null
     : null;
   const pair = await perServer(ctx, async (target, server, kind) => {
     if (kind.label === "ours" && reference === null) {
       // The target compares with the uncontended cycle rate at the same concurrency.
-      const r = await runCycles(target, {
-        clients: s.handoverClients,
-        durationMs: s.cycleMs,
-        warmupMs: s.cycleWarmupMs,
-      });
+      const r = await cyclesLevel(
+        target,
+        server,
+        s.handoverClients,
+        s,
+        run.cycles?.procs ?? 1,
+        useC,
+      );
       progress(`handover reference: ours ${s.handoverClients} clients uncontended ${r.rate}/s`);
       if (r.errors.total > 0) note(`reference cycles had ${r.errors.total} errors`);
       reference = r.rate;
     }
-    const r = await runHandover(target, {
+    const r = await handover(target, {
       clients: s.handoverClients,
       names: s.handoverNames,
       durationMs: s.handoverMs,
@@ -871,7 +893,7 @@ async function scenarioHandover(
       serverPid: server.pid,
     });
     progress(
-      `handover ${kind.label}: ${r.rate}/s, ${r.handovers} hand-overs, ` +
+      `handover ${kind.label} (${generator} generator): ${r.rate}/s, ${r.handovers} hand-overs, ` +
         `${r.queuedPerGrant} queued lines per grant, delay p50 ` +
         `${r.delay.p50} p99 ${r.delay.p99} ms, lock->ok p50 ${r.grantLatency.p50} ms, ` +
         `${r.errors.total} errors, generator CPU ${r.generatorCpuPercent ?? "?"}%, ` +
@@ -880,8 +902,8 @@ async function scenarioHandover(
     return r;
   });
   // Readers and writers: 80 % of the clients take the names shared, 20 % exclusive, in one queue.
-  const shared = await perServer(ctx, async (target, _server, kind) => {
-    const r = await runHandover(target, {
+  const shared = await perServer(ctx, async (target, server, kind) => {
+    const r = await handover(target, {
       clients: s.handoverClients,
       names: s.handoverNames,
       durationMs: s.handoverMs,
@@ -889,6 +911,7 @@ async function scenarioHandover(
       wait: 30,
       checkLocking: kind.label === "ours",
       readers: SHARED_READERS,
+      serverPid: server.pid,
     });
     progress(
       `handover 80 % readers ${kind.label}: ${r.rate}/s (${r.sharedGrants} shared of ${r.grants}), ` +
@@ -897,7 +920,7 @@ async function scenarioHandover(
     );
     return r;
   });
-  return { ...pair, referenceCyclesPerSecond: reference, shared };
+  return { ...pair, generator, referenceCyclesPerSecond: reference, shared };
 }
 
 /** The share of readers in the readers–writer hand-over. */
@@ -1633,10 +1656,9 @@ function rowSpecs(sizes: Sizes, heldCount: number, handoverRef: number | null): 
       check: (o) => o < 2,
     },
     {
-      // The hand-over's generator is bench/load.ts in this process (its own event loop is part
-      // of every delay it measures): its CPU beside the server's.
+      // The C generator where there is a C compiler, else bench/load.ts in this process.
       scenario: "handover",
-      metric: "hand-over generator CPU (% of a core, the benchmark's own process)",
+      metric: "hand-over generator CPU (% of a core)",
       unit: "%",
       get: (r) => ({
         ours: r.handover?.ours?.generatorCpuPercent,

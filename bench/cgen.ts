@@ -7,12 +7,20 @@
  * ```sh
  * deno run -A bench/cgen.ts --port 7654 --clients 16 --seconds 3 --procs 1
  * deno run -A bench/cgen.ts --port 7654 --clients 16 --seconds 3 --session   # over sessions
+ * deno run -A bench/cgen.ts --port 7654 --clients 64 --seconds 3 --handover  # 4 names, wait:30
  * ```
  *
  * @module
  */
 
-import { type CyclesResult, type Latency, readCpuTicks, type Target } from "./load.ts";
+import {
+  type CyclesResult,
+  type HandoverOptions,
+  type HandoverResult,
+  type Latency,
+  readCpuTicks,
+  type Target,
+} from "./load.ts";
 
 const SOURCE = new URL("./cgen/loadgen.c", import.meta.url);
 
@@ -156,7 +164,6 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
   const procs = Math.max(1, Math.min(options.procs ?? 1, options.clients));
   const warmupMs = options.warmupMs ?? 0;
   const prefix = options.prefix ?? `ccyc${options.clients}`;
-  const ticks = options.serverPid ? await clockTicks() : 0;
   const children = Array.from({ length: procs }, (_, p) => {
     const share = Math.floor(options.clients / procs) + (p < options.clients % procs ? 1 : 0);
     return new Deno.Command(bin, {
@@ -181,17 +188,9 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
     }).spawn();
   });
   // The server's CPU over the measured window: read when the warm-up ends and when it is over.
-  let serverFrom: number | null = null;
-  let serverTo: number | null = null;
-  const timer = options.serverPid
-    ? setTimeout(() => serverFrom = readCpuTicks(options.serverPid!), warmupMs)
-    : undefined;
-  const stopTimer = options.serverPid
-    ? setTimeout(() => serverTo = readCpuTicks(options.serverPid!), warmupMs + options.durationMs)
-    : undefined;
+  const serverCpu = serverCpuWindow(options.serverPid, warmupMs, options.durationMs);
   const outputs = await Promise.all(children.map((c) => c.output()));
-  clearTimeout(timer);
-  clearTimeout(stopTimer);
+  const serverCpuPercent = await serverCpu.percent();
   const hist = new Map<number, number>();
   let cycles = 0, cpu = 0, sum = 0, max = 0;
   const errors: Errors = { total: 0, kinds: {}, examples: [] };
@@ -209,9 +208,6 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
     addErrors(errors, raw.errors);
   }
   const seconds = options.durationMs / 1000;
-  const serverCpuPercent = serverFrom !== null && serverTo !== null && ticks > 0
-    ? Math.round(((serverTo - serverFrom) / ticks / seconds) * 1000) / 10
-    : null;
   const result: CGenResult = {
     clients: options.clients,
     cycles,
@@ -225,6 +221,130 @@ export async function runCyclesC(target: Target, options: CGenOptions): Promise<
   };
   parts.set(result, { hist, sum, max, cpu });
   return result;
+}
+
+interface RawHistogram {
+  count: number;
+  sum: number;
+  max: number;
+  us: [number, number][];
+}
+
+interface RawHandover {
+  grants: number;
+  handovers: number;
+  sharedGrants: number;
+  queuedLines: number;
+  allGrants: number;
+  cpuSeconds: number;
+  delay: RawHistogram;
+  grantLatency: RawHistogram;
+  writerGrantLatency: RawHistogram;
+  errors: Errors;
+}
+
+function latencyOf(h: RawHistogram): Latency {
+  return fromHistogram(new Map(h.us), h.sum, h.max);
+}
+
+/** Reads the server's CPU ticks when the warm-up ends and when the window is over. */
+function serverCpuWindow(pid: number | undefined, warmupMs: number, durationMs: number) {
+  let from: number | null = null;
+  let to: number | null = null;
+  const timers = pid === undefined ? [] : [
+    setTimeout(() => from = readCpuTicks(pid), warmupMs),
+    setTimeout(() => to = readCpuTicks(pid), warmupMs + durationMs),
+  ];
+  return {
+    /** The server's CPU over the window in % of one core, or null (no pid, not read). */
+    async percent(): Promise<number | null> {
+      for (const t of timers) clearTimeout(t);
+      if (from === null || to === null) return null;
+      const ticks = await clockTicks();
+      return ticks > 0 ? Math.round(((to - from) / ticks / (durationMs / 1000)) * 1000) / 10 : null;
+    },
+  };
+}
+
+/**
+ * The hand-over scenario from the C generator (bench/cgen/loadgen.c `--handover 1`): the same
+ * loop, checks and figures as `runHandover` in bench/load.ts, from one epoll process instead of
+ * the benchmark's own event loop, which is part of every delay it measures. One process: every
+ * client of a name must be in it for the exclusion and token checks. Throws when the generator
+ * cannot be built.
+ *
+ * @example
+ * ```ts
+ * import { runHandoverC } from "./cgen.ts";
+ * const r = await runHandoverC({ hostname: "127.0.0.1", port: 7654 }, {
+ *   clients: 64,
+ *   names: 4,
+ *   durationMs: 2000,
+ * });
+ * console.log(r.rate, r.delay.p99, r.generatorCpuPercent);
+ * ```
+ */
+export async function runHandoverC(
+  target: Target,
+  options: HandoverOptions,
+): Promise<HandoverResult & { generator: "c" }> {
+  const bin = await buildCGen();
+  if (bin === null) throw new Error(`the C load generator is unavailable: ${cgenUnavailable}`);
+  const warmupMs = options.warmupMs ?? 0;
+  const readers = options.readers ?? 0;
+  const cpu = serverCpuWindow(options.serverPid, warmupMs, options.durationMs);
+  const out = await new Deno.Command(bin, {
+    args: [
+      "--host",
+      target.hostname,
+      "--port",
+      String(target.port),
+      "--clients",
+      String(options.clients),
+      "--names",
+      String(options.names),
+      "--seconds",
+      String(options.durationMs / 1000),
+      "--warmup",
+      String(warmupMs / 1000),
+      "--prefix",
+      options.prefix ?? "handover",
+      "--handover",
+      "1",
+      "--wait",
+      String(options.wait ?? 30),
+      "--timeout",
+      String((options.timeoutMs ?? 5000) / 1000),
+      "--check",
+      options.checkLocking === false ? "0" : "1",
+      "--readers",
+      String(readers),
+    ],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const serverCpuPercent = await cpu.percent();
+  if (!out.success) throw new Error(`loadgen failed: ${new TextDecoder().decode(out.stderr)}`);
+  const raw = JSON.parse(new TextDecoder().decode(out.stdout)) as RawHandover;
+  const seconds = options.durationMs / 1000;
+  return {
+    generator: "c",
+    clients: options.clients,
+    names: options.names,
+    grants: raw.grants,
+    handovers: raw.handovers,
+    readers,
+    sharedGrants: raw.sharedGrants,
+    ...(readers > 0 ? { writerGrantLatency: latencyOf(raw.writerGrantLatency) } : {}),
+    queuedPerGrant: raw.allGrants ? Math.round((raw.queuedLines / raw.allGrants) * 1000) / 1000 : 0,
+    seconds,
+    rate: Math.round(raw.grants / seconds),
+    delay: latencyOf(raw.delay),
+    grantLatency: latencyOf(raw.grantLatency),
+    generatorCpuPercent: Math.round((raw.cpuSeconds / seconds) * 1000) / 10,
+    ...(serverCpuPercent === null ? {} : { serverCpuPercent }),
+    errors: raw.errors,
+  };
 }
 
 /**
@@ -295,15 +415,30 @@ if (import.meta.main) {
       procs: { type: "string", default: "1" },
       pid: { type: "string" },
       session: { type: "boolean", default: false },
+      handover: { type: "boolean", default: false },
+      names: { type: "string", default: "4" },
     },
   });
   if (!values.port) {
     console.error(
-      "usage: bench/cgen.ts --port P [--clients N] [--seconds S] [--procs K] [--pid P] [--session]",
+      "usage: bench/cgen.ts --port P [--clients N] [--seconds S] [--procs K] [--pid P] " +
+        "[--session | --handover [--names K]]",
     );
     Deno.exit(2);
   }
-  const r = await runCyclesC({ hostname: values.host, port: Number(values.port) }, {
+  const target = { hostname: values.host, port: Number(values.port) };
+  if (values.handover) {
+    const r = await runHandoverC(target, {
+      clients: Number(values.clients),
+      names: Number(values.names),
+      durationMs: Number(values.seconds) * 1000,
+      warmupMs: 500,
+      serverPid: values.pid ? Number(values.pid) : undefined,
+    });
+    console.log(JSON.stringify(r, null, 2));
+    Deno.exit(r.errors.total === 0 ? 0 : 1);
+  }
+  const r = await runCyclesC(target, {
     clients: Number(values.clients),
     durationMs: Number(values.seconds) * 1000,
     warmupMs: 500,
